@@ -1,0 +1,64 @@
+"""The contract every backend implements: two passes over the parameter shards.
+
+1. ``gram(forget, preserve, device)`` → float64 tensor ``[ff, fr, rr]`` (partial sums
+   for the local shards; the optimizer all-reduces them when sharded).
+2. ``adamw(bucket, coefficients, skip, hp)`` / ``sgd(...)`` → apply the base rule to
+   ``d = c_f·g_f + c_r·g_r`` in place, where ``coefficients = [c_f, c_r]`` and ``skip``
+   (a 0-dim float tensor, 1.0 = skip) are device tensors: nothing reads them on the host.
+
+A backend is a module exposing ``name``, ``is_available()``, ``supports(device)`` and
+those three functions; the optimizer groups tensors into :class:`TensorBucket` s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TensorBucket:
+    """Tensors of one param group sharing device, dtype and first-step-ness: one launch.
+
+    ``forget[i]`` / ``preserve[i]`` may be ``None`` (a missing gradient counts as zero)
+    but never both.  ``states[i]`` is the optimizer state dict of ``params[i]``.
+    """
+
+    params: list[Tensor] = field(default_factory=list)
+    forget: list[Tensor | None] = field(default_factory=list)
+    preserve: list[Tensor | None] = field(default_factory=list)
+    states: list[dict] = field(default_factory=list)
+    first_step: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def state(self, key: str) -> list[Tensor]:
+        return [s[key] for s in self.states]
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    lr: float | Tensor
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    maximize: bool

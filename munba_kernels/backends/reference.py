@@ -1,0 +1,119 @@
+"""Plain-torch backend: the oracle every fused kernel is tested against.
+
+Pass 1 (:meth:`gram`) accumulates ``(ff, fr, rr)`` in float64 so that every non-zero
+gradient of any floating dtype has a non-zero square and 1e±20-scale gradients neither
+overflow nor underflow.  Per-tensor partial sums are added in a fixed order, so the
+result is deterministic.
+
+Pass 2 forms ``d = c_f·g_f + c_r·g_r`` in fp32 (fp64 for fp64 gradients), rounds it once
+to the gradient dtype, writing it over the captured forget gradient (which the optimizer
+owns), and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
+"the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
+step on the device, leaving every parameter and state untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import AdamWHyper, SGDHyper, TensorBucket
+
+name = "torch"
+
+
+def is_available() -> bool:
+    return True
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
+    """Return float64 ``[ff, fr, rr]`` over all pairs; ``None`` counts as a zero gradient."""
+    parts = []
+    for gf, gr in zip(forget, preserve):
+        f = None if gf is None else gf.reshape(-1).to(torch.float64)
+        r = None if gr is None else gr.reshape(-1).to(torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts.append(
+            torch.stack(
+                [
+                    zero if f is None else torch.dot(f, f),
+                    zero if f is None or r is None else torch.dot(f, r),
+                    zero if r is None else torch.dot(r, r),
+                ]
+            )
+        )
+    if not parts:
+        return torch.zeros(3, dtype=torch.float64, device=device)
+    return torch.stack(parts).sum(dim=0)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def combine(bucket: TensorBucket, coefficients: Tensor) -> list[Tensor]:
+    """The bargained direction per tensor, ``d = c_f g_f + c_r g_r``, in the gradient dtype.
+
+    Reuses the captured forget gradient's storage; never writes into ``param.grad``.
+    """
+    opm = _opmath(bucket.dtype)
+    c = coefficients.to(opm)
+    c_f, c_r = c[0], c[1]
+    out = []
+    for gf, gr in zip(bucket.forget, bucket.preserve):
+        if gf is None:
+            out.append((gr.to(opm) * c_r).to(bucket.dtype))
+            continue
+        d = gf.to(opm) * c_f  # always a new tensor, even for fp32
+        if gr is not None:
+            d += gr.to(opm) * c_r
+        out.append(gf.copy_(d))
+    return out
+
+
+def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+    directions = combine(bucket, coefficients)
+    steps = bucket.state("step")
+    torch._foreach_add_(steps, 1)
+    torch._fused_adamw_(
+        bucket.params,
+        directions,
+        bucket.state("exp_avg"),
+        bucket.state("exp_avg_sq"),
+        [],
+        steps,
+        lr=hp.lr,
+        beta1=hp.beta1,
+        beta2=hp.beta2,
+        weight_decay=hp.weight_decay,
+        eps=hp.eps,
+        amsgrad=False,
+        maximize=hp.maximize,
+        grad_scale=None,
+        found_inf=skip,
+    )
+    torch._foreach_sub_(steps, [skip] * len(steps))
+
+
+def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
+    directions = combine(bucket, coefficients)
+    torch._fused_sgd_(
+        bucket.params,
+        directions,
+        bucket.state("momentum_buffer") if hp.momentum != 0 else [],
+        weight_decay=hp.weight_decay,
+        momentum=hp.momentum,
+        lr=hp.lr,
+        dampening=hp.dampening,
+        nesterov=hp.nesterov,
+        maximize=hp.maximize,
+        is_first_step=bucket.first_step,
+        grad_scale=None,
+        found_inf=skip,
+    )

@@ -1,0 +1,217 @@
+"""Closed-form Nash bargaining between a *forget* player and a *preserve* player.
+
+Everything here is element-wise tensor math on the three Gram entries
+``(ff, fr, rr) = (g_f·g_f, g_f·g_r, g_r·g_r)``.  It runs on any device, batches over
+leading dimensions and never synchronises with the host, so the optimizer can call it
+between its two passes over memory.
+
+The math (MUNBa, arXiv 2411.15537).  With bargaining power ``w = (w_f, w_r)`` the
+Nash solution ``d = α_f g_f + α_r g_r`` satisfies ``(GᵀG) α = w / α``.  Writing
+``a = α_f‖g_f‖``, ``b = α_r‖g_r‖`` and ``c = cos φ`` this is
+
+    a² + c·ab = w_f,        b² + c·ab = w_r.
+
+With ``t = a / b``:  ``w_r t² + c (w_r − w_f) t − w_f = 0`` has exactly one positive
+root, and ``b² = w_r / (1 + c t)``.  For equal power ``t = 1`` and the solution is the
+bisector ``d = (ĝ_f + ĝ_r) / sqrt(1 + c)``.  Adding the two equations shows
+``‖d‖² = a² + 2c·ab + b² = w_f + w_r`` for *every* non-degenerate Gram matrix, so a
+norm clip needs no pass over memory.  Only the cosine enters, so the result is exactly
+invariant to rescaling either loss.
+
+Degenerate cases (the policy; each has a status code):
+
+* ``NONFINITE`` – a Gram entry is NaN/Inf (a gradient held NaN/Inf).  α = 0 and the
+  optimizer skips the whole step: no parameter or state changes.
+* ``BOTH_ZERO`` – both gradients are exactly zero.  α = 0, d = 0.
+* ``FORGET_ZERO`` / ``PRESERVE_ZERO`` – one gradient is exactly zero, so its player's
+  utility ``g·d`` is 0 for every d and the bargaining problem is undefined.  The other
+  player moves alone with the one-player solution of the same equation,
+  ``α = sqrt(w)/‖g‖`` (‖d‖² = w); the zero player's α is 0.
+* ``OPPOSED`` – ``1 + cos φ ≤ opposition_tol``.  No direction improves both players:
+  the Nash step's utilities ``g_f·d = ‖g_f‖·a·(1 + c·b/a)`` shrink to 0 as c → −1 while
+  α grows without bound, so the only part of d that survives is rounding noise.  We take
+  the limit of what matters: d = 0 (the bargaining "disagreement point").  The paper
+  instead suggests perturbing the smaller gradient; the official code falls back to
+  fixed weights (1, 0.1).
+* Gradients that are merely tiny or huge are *not* degenerate: the Gram is accumulated
+  in float64, where every non-zero fp32/bf16/fp16 gradient has a non-zero square, and
+  the solution depends on the cosine alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BargainStatus",
+    "Bargain",
+    "DEFAULT_OPPOSITION_TOL",
+    "bargaining_weights",
+    "solve_bargain",
+    "validate_power",
+]
+
+#: ``1 + cos φ`` at or below which the players count as exactly opposed.  The update is
+#: formed in fp32, where the bisector's relative rounding error is about
+#: ``eps_fp32 / sqrt(1 + cos φ)``: 1.2e-4 at this threshold.
+DEFAULT_OPPOSITION_TOL = 1e-6
+
+
+class BargainStatus(enum.IntEnum):
+    """How the bargaining weights of one step were obtained (see the module docstring)."""
+
+    OK = 0
+    FORGET_ZERO = 1
+    PRESERVE_ZERO = 2
+    BOTH_ZERO = 3
+    OPPOSED = 4
+    NONFINITE = 5
+
+
+class Bargain(NamedTuple):
+    """Result of one bargain; every field is a device tensor (batched over ``...``).
+
+    ``coefficients`` are what multiplies the gradients: ``alpha`` times the clip scale.
+    """
+
+    alpha: Tensor  # [..., 2] (alpha_f, alpha_r), the Nash weights before any clipping
+    cos: Tensor  # [...] cos φ between g_f and g_r (0 when a gradient is zero)
+    gram: Tensor  # [..., 3] (ff, fr, rr) in the compute dtype
+    status: Tensor  # [...] int32 BargainStatus codes
+    direction_norm: Tensor  # [...] ‖d‖ before clipping
+    clip_scale: Tensor  # [...] factor in (0, 1] applied by max_grad_norm (1 without clip)
+
+    @property
+    def coefficients(self) -> Tensor:
+        """``[..., 2]`` weights actually applied to ``(g_f, g_r)``: alpha × clip_scale."""
+        return self.alpha * self.clip_scale.unsqueeze(-1)
+
+    @property
+    def skipped(self) -> Tensor:
+        """Boolean tensor: the optimizer skipped this step (non-finite gradients)."""
+        return self.status == BargainStatus.NONFINITE
+
+
+def validate_power(power: Sequence[float]) -> tuple[float, float]:
+    """Return ``power`` as two positive finite floats or raise a ``ValueError`` naming it."""
+    try:
+        w_f, w_r = (float(w) for w in power)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"bargaining_power must be a pair (w_forget, w_preserve) of floats, got {power!r}"
+        ) from None
+    if not (math.isfinite(w_f) and math.isfinite(w_r) and w_f > 0 and w_r > 0):
+        raise ValueError(
+            f"bargaining_power entries must be positive and finite, got {(w_f, w_r)!r}"
+        )
+    return w_f, w_r
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    # float64 wherever the device has it: the solve is a handful of scalar ops.
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def solve_bargain(
+    gram: Tensor,
+    power: Sequence[float] = (1.0, 1.0),
+    *,
+    opposition_tol: float = DEFAULT_OPPOSITION_TOL,
+    max_norm: float | None = None,
+) -> Bargain:
+    """Solve the two-player bargaining problem for Gram entries ``gram[..., :] = (ff, fr, rr)``.
+
+    Returns a :class:`Bargain` whose tensors live on ``gram``'s device, computed in
+    float64 (float32 on MPS).  ``max_norm`` adds a clip scale so that
+    ``‖coefficients · (g_f, g_r)‖ ≤ max_norm``, using ``‖d‖`` known from the solve.
+    """
+    if gram.shape[-1:] != (3,):
+        raise ValueError(f"gram must have shape [..., 3] = (ff, fr, rr), got {tuple(gram.shape)}")
+    if not gram.is_floating_point():
+        raise TypeError(f"gram must be a floating-point tensor, got {gram.dtype}")
+    w_f, w_r = validate_power(power)
+    if not (opposition_tol >= 0 and math.isfinite(opposition_tol)):
+        raise ValueError(f"opposition_tol must be a finite number >= 0, got {opposition_tol!r}")
+    if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_norm must be positive and finite or None, got {max_norm!r}")
+
+    g = gram.to(_compute_dtype(gram))
+    ff, fr, rr = g.unbind(-1)
+    finite = torch.isfinite(ff) & torch.isfinite(fr) & torch.isfinite(rr)
+    f_zero = ff <= 0  # a sum of squares: <= 0 means exactly zero
+    r_zero = rr <= 0
+    nf = ff.clamp_min(0).sqrt()
+    nr = rr.clamp_min(0).sqrt()
+    both = ~f_zero & ~r_zero
+    one = torch.ones_like(ff)
+    # (fr / nf) / nr cannot overflow: |fr| <= nf·nr.
+    cos = torch.where(both, (fr / torch.where(both, nf, one)) / torch.where(both, nr, one), 0.0)
+    cos = cos.clamp(-1.0, 1.0)
+    opposed = both & (1.0 + cos <= opposition_tol)
+
+    # Positive root of w_r t² + c (w_r − w_f) t − w_f = 0, in the form free of cancellation.
+    cd = cos * (w_r - w_f)
+    s = torch.sqrt(cd * cd + 4.0 * w_r * w_f)
+    t = torch.where(cd <= 0, (s - cd) / (2.0 * w_r), (2.0 * w_f) / (cd + s))
+    ok = finite & both & ~opposed
+    b = torch.sqrt(w_r / torch.where(ok, 1.0 + cos * t, one))
+    safe_nf = torch.where(f_zero, one, nf)
+    safe_nr = torch.where(r_zero, one, nr)
+    alpha_f = torch.where(ok, t * b / safe_nf, 0.0)
+    alpha_r = torch.where(ok, b / safe_nr, 0.0)
+    norm_sq = torch.where(ok, one * (w_f + w_r), 0.0)
+
+    solo_r = finite & f_zero & ~r_zero  # preserve player alone
+    solo_f = finite & r_zero & ~f_zero  # forget player alone
+    alpha_r = torch.where(solo_r, math.sqrt(w_r) / safe_nr, alpha_r)
+    alpha_f = torch.where(solo_f, math.sqrt(w_f) / safe_nf, alpha_f)
+    norm_sq = torch.where(solo_r, one * w_r, torch.where(solo_f, one * w_f, norm_sq))
+
+    status = torch.full_like(ff, BargainStatus.OK, dtype=torch.int32)
+    for mask, code in (
+        (solo_r, BargainStatus.FORGET_ZERO),
+        (solo_f, BargainStatus.PRESERVE_ZERO),
+        (finite & f_zero & r_zero, BargainStatus.BOTH_ZERO),
+        (finite & opposed, BargainStatus.OPPOSED),
+        (~finite, BargainStatus.NONFINITE),
+    ):
+        status = torch.where(mask, int(code), status)
+    cos = torch.where(finite, cos, 0.0)
+
+    norm = norm_sq.sqrt()
+    if max_norm is None:
+        clip = torch.ones_like(norm)
+    else:
+        clip = torch.where(norm > max_norm, max_norm / torch.where(norm > 0, norm, one), 1.0)
+    return Bargain(
+        alpha=torch.stack([alpha_f, alpha_r], dim=-1),
+        cos=cos,
+        gram=g,
+        status=status,
+        direction_norm=norm,
+        clip_scale=clip,
+    )
+
+
+def bargaining_weights(gram: Tensor, power: Sequence[float] = (1.0, 1.0)) -> Tensor:
+    """Nash bargaining weights ``[alpha_f, alpha_r]`` for a 2×2 Gram matrix.
+
+    ``gram[..., :, :]`` is ``[[g_f·g_f, g_f·g_r], [g_r·g_f, g_r·g_r]]`` ordered
+    (forget, preserve); the off-diagonal entry ``[0, 1]`` is used.  ``power`` is the
+    bargaining power ``(w_f, w_r)``; the weights solve ``(GᵀG) α = w / α``.
+    Degenerate inputs follow the policy in this module's docstring (α = 0 for the
+    players that cannot bargain).  The result has shape ``[..., 2]`` and dtype
+    float64 for float64 input, float32 otherwise.
+    """
+    if not isinstance(gram, Tensor):
+        gram = torch.as_tensor(gram, dtype=torch.float64)
+    if gram.shape[-2:] != (2, 2):
+        raise ValueError(f"gram must have shape [..., 2, 2], got {tuple(gram.shape)}")
+    entries = torch.stack([gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]], dim=-1)
+    out_dtype = torch.float64 if gram.dtype == torch.float64 else torch.float32
+    return solve_bargain(entries, power).alpha.to(out_dtype)

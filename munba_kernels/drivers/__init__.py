@@ -1,0 +1,1 @@
+"""Thin drivers: runnable unlearning experiments built on MUNBaOptimizer."""
