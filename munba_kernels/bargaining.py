@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,9 +107,7 @@ def validate_power(power: Sequence[float]) -> tuple[float, float]:
             f"bargaining_power must be a pair (w_forget, w_preserve) of floats, got {power!r}"
         ) from None
     if not (math.isfinite(w_f) and math.isfinite(w_r) and w_f > 0 and w_r > 0):
-        raise ValueError(
-            f"bargaining_power entries must be positive and finite, got {(w_f, w_r)!r}"
-        )
+        raise ValueError(f"bargaining_power entries must be positive and finite, got {(w_f, w_r)!r}")
     return w_f, w_r
 
 

@@ -122,7 +122,7 @@ class MUNBaOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     @classmethod
-    def paper_faithful(cls, params, lr: float = 0.01, **overrides) -> "MUNBaOptimizer":
+    def paper_faithful(cls, params, lr: float = 0.01, **overrides) -> MUNBaOptimizer:
         """The published classification recipe: SGD, momentum 0.9, wd 5e-4, ‖d‖ clipped to 1.
 
         The official code clips the bargained gradient with ``clip_grad_norm_(…, 1.0)``;
@@ -167,8 +167,7 @@ class MUNBaOptimizer(Optimizer):
                 raise ValueError(f"eps must be a non-negative finite number, got {group['eps']!r}")
             if group["momentum"] or group["dampening"] or group["nesterov"]:
                 raise ValueError(
-                    "momentum, dampening and nesterov apply to base='sgd' only "
-                    "(AdamW's momentum is betas[0])"
+                    "momentum, dampening and nesterov apply to base='sgd' only (AdamW's momentum is betas[0])"
                 )
         else:
             mom, damp = group["momentum"], group["dampening"]
@@ -279,12 +278,18 @@ class MUNBaOptimizer(Optimizer):
             for bucket in self._buckets(group, group_entries):
                 if group["base"] == "adamw":
                     b1, b2 = group["betas"]
-                    hp = AdamWHyper(group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"])
+                    hp = AdamWHyper(
+                        group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"]
+                    )
                     backend.adamw(bucket, coefficients, skip, hp)
                 else:
                     hp = SGDHyper(
-                        group["lr"], group["momentum"], group["dampening"], group["nesterov"],
-                        group["weight_decay"], group["maximize"],
+                        group["lr"],
+                        group["momentum"],
+                        group["dampening"],
+                        group["nesterov"],
+                        group["weight_decay"],
+                        group["maximize"],
                     )
                     backend.sgd(bucket, coefficients, skip, hp)
         return losses
@@ -299,8 +304,7 @@ class MUNBaOptimizer(Optimizer):
             losses = closure()
             if not (isinstance(losses, (tuple, list)) and len(losses) == 2):
                 raise TypeError(
-                    "the closure must return (forget_loss, preserve_loss), got "
-                    f"{type(losses).__name__}"
+                    f"the closure must return (forget_loss, preserve_loss), got {type(losses).__name__}"
                 )
             forget_loss, preserve_loss = losses
             self.zero_grad(set_to_none=True)

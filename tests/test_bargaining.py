@@ -41,7 +41,9 @@ def test_equal_power_matches_closed_form(log_nf, log_nr, cos):
     G = gram_matrix(log_nf, log_nr, cos)
     alpha = bargaining_weights(G)
     nf, nr = 10.0**log_nf, 10.0**log_nr
-    expected = torch.tensor([1 / (nf * math.sqrt(1 + cos)), 1 / (nr * math.sqrt(1 + cos))], dtype=torch.float64)
+    expected = torch.tensor(
+        [1 / (nf * math.sqrt(1 + cos)), 1 / (nr * math.sqrt(1 + cos))], dtype=torch.float64
+    )
     torch.testing.assert_close(alpha, expected, rtol=1e-12, atol=0)
     assert (alpha > 0).all()
     assert kkt_residual(G, alpha, (1.0, 1.0)) < 1e-9

@@ -41,9 +41,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
         raise RuntimeError(f"no MUNBa backend supports device {device}")  # pragma: no cover
     module = _REGISTRY.get(name)
     if module is None or not module.is_available():
-        raise RuntimeError(
-            f"backend={name!r} is not available in this install (available: {available()})"
-        )
+        raise RuntimeError(f"backend={name!r} is not available in this install (available: {available()})")
     if not module.supports(device):
         raise RuntimeError(f"backend={name!r} does not support parameters on {device}")
     return module

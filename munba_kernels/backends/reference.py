@@ -6,15 +6,14 @@ overflow nor underflow.  Per-tensor partial sums are added in a fixed order, so 
 result is deterministic.
 
 Pass 2 forms ``d = c_f·g_f + c_r·g_r`` in fp32 (fp64 for fp64 gradients), rounds it once
-to the gradient dtype, writing it over the captured forget gradient (which the optimizer
-owns), and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
+to the gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
 "the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
 step on the device, leaving every parameter and state untouched.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -60,20 +59,16 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def combine(bucket: TensorBucket, coefficients: Tensor) -> list[Tensor]:
     """The bargained direction per tensor, ``d = c_f g_f + c_r g_r``, in the gradient dtype.
 
-    Reuses the captured forget gradient's storage; never writes into ``param.grad``.
+    Allocates the directions (one gradient's worth, freed after the step) rather than
+    writing into any gradient: callers may still hold references to them.
     """
     opm = _opmath(bucket.dtype)
     c = coefficients.to(opm)
-    c_f, c_r = c[0], c[1]
     out = []
     for gf, gr in zip(bucket.forget, bucket.preserve):
-        if gf is None:
-            out.append((gr.to(opm) * c_r).to(bucket.dtype))
-            continue
-        d = gf.to(opm) * c_f  # always a new tensor, even for fp32
-        if gr is not None:
-            d += gr.to(opm) * c_r
-        out.append(gf.copy_(d))
+        terms = [g.to(opm) * ci for g, ci in ((gf, c[0]), (gr, c[1])) if g is not None]
+        d = terms[0] if len(terms) == 1 else terms[0].add_(terms[1])
+        out.append(d.to(bucket.dtype))
     return out
 
 

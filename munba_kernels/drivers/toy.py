@@ -56,7 +56,9 @@ def make_problem(
 
 def make_model(dim: int, num_classes: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes))
+    return nn.Sequential(
+        nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes)
+    )
 
 
 @torch.no_grad()
@@ -148,7 +150,9 @@ def _print_step(step, method, loss_f, loss_r, bargain):
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=150, help="unlearning steps per method")
     parser.add_argument("--forget-class", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -162,7 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for method in ("munba", "naive"):
         print(f"unlearning class {args.forget_class} with {method}:")
         model = unlearn(
-            original, problem, method, steps=args.steps, lr=args.lr, seed=args.seed,
+            original,
+            problem,
+            method,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
             log=None if args.quiet else _print_step,
         )
         results[method] = evaluate(model, problem)
