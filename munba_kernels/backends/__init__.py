@@ -1,26 +1,42 @@
 """Backends: interchangeable implementations of the two per-step passes.
 
 ``resolve(name, device)`` maps the optimizer's ``backend=`` argument to a module that
-follows the contract in :mod:`munba_kernels.backends.base`.
+follows the contract in :mod:`munba_kernels.backends.base`.  The reference backend is
+always present; the fused ones (``cpp.py``: compiled CPU kernels, ``triton_backend.py``:
+GPU kernels) are imported when their files exist and report whether they can run.
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from types import ModuleType
 
 import torch
 
 from . import reference
 
-#: Every name ``backend=`` accepts.  Backends not built into this install fail clearly.
+#: Every name ``backend=`` accepts.  Backends not usable in this install fail clearly.
 BACKEND_NAMES = ("auto", "torch", "cpp", "triton")
+_OPTIONAL_MODULES = {"cpp": "cpp", "triton": "triton_backend"}
+_AUTO_PREFERENCE = {"cuda": "triton", "cpu": "cpp"}
 
-_REGISTRY: dict[str, ModuleType] = {reference.name: reference}
+
+def _load(name: str) -> ModuleType | None:
+    if name == reference.name:
+        return reference
+    try:
+        return importlib.import_module(f"{__name__}.{_OPTIONAL_MODULES[name]}")
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith(__name__):
+            return None  # the backend's module is not part of this build
+        raise
 
 
 def available() -> list[str]:
     """Names of the backends usable in this install."""
-    return [n for n, m in _REGISTRY.items() if m.is_available()]
+    names = [reference.name, *_OPTIONAL_MODULES]
+    return [n for n in names if (m := _load(n)) is not None and m.is_available()]
 
 
 def validate_name(name: str) -> str:
@@ -29,19 +45,35 @@ def validate_name(name: str) -> str:
     return name
 
 
+_warned: set[str] = set()
+
+
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` on ``device`` ("auto" picks the fastest usable one)."""
     validate_name(name)
     if name == "auto":
-        preferred = {"cuda": ("triton",), "cpu": ("cpp",)}.get(device.type, ())
-        for candidate in (*preferred, reference.name):
-            module = _REGISTRY.get(candidate)
+        preferred = _AUTO_PREFERENCE.get(device.type)
+        if preferred is not None:
+            module = _load(preferred)
             if module is not None and module.is_available() and module.supports(device):
                 return module
-        raise RuntimeError(f"no MUNBa backend supports device {device}")  # pragma: no cover
-    module = _REGISTRY.get(name)
+            if preferred not in _warned:
+                _warned.add(preferred)
+                reason = "not built" if module is None else module.unavailable_reason()
+                warnings.warn(
+                    f"munba_kernels: the {preferred!r} backend for {device.type} tensors is "
+                    f"unavailable ({reason}); falling back to the plain-torch reference backend",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return reference
+    module = _load(name)
     if module is None or not module.is_available():
-        raise RuntimeError(f"backend={name!r} is not available in this install (available: {available()})")
+        reason = "not built" if module is None else module.unavailable_reason()
+        raise RuntimeError(
+            f"backend={name!r} is not available in this install ({reason}); "
+            f"available: {available()}"
+        )
     if not module.supports(device):
         raise RuntimeError(f"backend={name!r} does not support parameters on {device}")
     return module

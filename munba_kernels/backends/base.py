@@ -6,8 +6,19 @@
    ``d = c_f·g_f + c_r·g_r`` in place, where ``coefficients = [c_f, c_r]`` and ``skip``
    (a 0-dim float tensor, 1.0 = skip) are device tensors: nothing reads them on the host.
 
-A backend is a module exposing ``name``, ``is_available()``, ``supports(device)`` and
-those three functions; the optimizer groups tensors into :class:`TensorBucket` s.
+A backend is a module exposing ``name``, ``is_available()``, ``unavailable_reason()``
+(a short human-readable string, "" when available), ``supports(device)`` and those three
+functions; the optimizer groups tensors into :class:`TensorBucket` s.
+
+Semantics every backend must match (the reference backend is the oracle):
+* ``gram``: float64 accumulation; ``None`` entries count as zero; deterministic.
+* ``adamw``: exactly torch.optim.AdamW (decoupled decay, bias correction with the
+  per-parameter ``state["step"]``, a float32 0-dim tensor on the parameter's device,
+  incremented by 1 unless skipped), states ``exp_avg``/``exp_avg_sq`` in the param dtype,
+  math in fp32 (fp64 for fp64 params), one rounding on store.
+* ``sgd``: exactly torch.optim.SGD (L2 decay added to d, momentum buffer
+  ``state["momentum_buffer"]`` set to d when ``bucket.first_step``, dampening, nesterov).
+* ``maximize`` negates d.  When ``skip`` is 1.0 nothing is written at all.
 """
 
 from __future__ import annotations

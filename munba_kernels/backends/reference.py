@@ -27,6 +27,10 @@ def is_available() -> bool:
     return True
 
 
+def unavailable_reason() -> str:
+    return ""
+
+
 def supports(device: torch.device) -> bool:
     return True
 
