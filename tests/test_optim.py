@@ -255,3 +255,18 @@ def test_paper_faithful_preset():
     opt.step()
     # unit-norm bisector of two orthogonal unit vectors, times lr
     torch.testing.assert_close(p.detach(), -0.01 * torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2))
+
+
+def test_step_never_reads_a_device_value_on_the_host():
+    """On the meta device tensors have no data, so any .item()/bool() in step() would raise."""
+    params = [torch.nn.Parameter(torch.zeros(s, device="meta")) for s in SHAPES]
+    opt = MUNBaOptimizer(params, lr=0.1, max_grad_norm=1.0, bargaining_power=(2.0, 1.0))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.capture_forget()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.last_bargain.alpha.device.type == "meta"
+    assert opt.state[params[0]]["exp_avg"].device.type == "meta"
