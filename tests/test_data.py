@@ -113,7 +113,7 @@ def test_digits_and_errors():
 
 def test_forget_masks():
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1, 0, 2])
-    assert data.forget_mask(labels, "class", forget_classes=[1]).tolist() == [l == 1 for l in labels.tolist()]
+    assert data.forget_mask(labels, "class", forget_classes=[1]).tolist() == [y == 1 for y in labels.tolist()]
     assert data.forget_mask(labels, "class", forget_classes=[0, 2]).sum() == 6
     m = data.forget_mask(labels, "random", forget_ratio=0.3, seed=4)
     assert m.sum() == 3 and torch.equal(m, data.forget_mask(labels, "random", forget_ratio=0.3, seed=4))
