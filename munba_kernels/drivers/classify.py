@@ -1,0 +1,391 @@
+"""Classification unlearning: MUNBa and the baselines side by side, evaluated against Retrain.
+
+    python -m munba_kernels.drivers.classify --dataset fashion_mnist --scenario random \\
+        --forget-ratio 0.1 --methods all --seeds 1 --epochs 2 --device cpu --out runs/fmnist
+
+Per seed: train the original model on the training set and Retrain on the retain set
+(both cached, keyed by their configuration), run every method for every learning rate of
+its grid from the same original, pick each method's learning rate by the selection rule
+below, and evaluate UA, RA, TA, MIA-Efficacy, Avg. Gap to Retrain, run time and the
+representation checks.  Writes ``results.json``, ``results.md`` and PNG plots to --out.
+
+Learning-rate selection (fixed in advance, identical for every method): the test set is
+split in two fixed halves.  For each learning rate the Avg. Gap to Retrain is computed with
+TA and the MIA's non-member set taken from the *validation* half; the rate with the
+smallest validation gap wins (ties: the smaller rate).  Reported numbers use the other half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from munba_kernels.evaluation import avg_gap, knn_probe_accuracy, linear_cka, penultimate_features
+from munba_kernels.evaluation.metrics import GAP_METRICS, unlearning_metrics
+from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars
+
+from . import data as datasets
+from .models import MODELS, build_model, classifier_head
+from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
+
+LR_GRID = {
+    "FT": (0.01, 0.03, 0.1),
+    "GA": (1e-4, 3e-4, 1e-3),
+    "RL": (0.01, 0.03, 0.1),
+    "NegGrad+": (0.01, 0.03, 0.1),
+    "Naive": (0.01, 0.03, 0.1),
+    "MUNBa": (0.01, 0.03, 0.1),
+}
+REPORT_COLUMNS = ("UA", "RA", "TA", "MIA", "avg_gap", "probe_forget", "cka_to_retrain", "seconds", "lr")
+
+
+@dataclass
+class Config:
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    model: str | None = None
+    scenario: str = "random"
+    forget_classes: list[int] = field(default_factory=lambda: [3])
+    forget_ratio: float = 0.1
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: int = 1
+    epochs: int = 2
+    pretrain_epochs: int = 8
+    pretrain_lr: float = 0.05
+    train_size: int = 10000
+    test_size: int = 4000
+    batch_size: int = 128
+    device: str = "cpu"
+    out: str = "runs/classify"
+    cache_dir: str = str(Path(os.environ.get("MUNBA_CACHE_DIR", Path.home() / ".cache" / "munba_kernels")))
+    quick: bool = False
+    progress: bool = True
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(
+        prog="python -m munba_kernels.drivers.classify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = Config()
+    p.add_argument("--dataset", choices=datasets.DATASETS, default=d.dataset)
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="local dataset files (Fashion-MNIST defaults to the Debian package's)",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="default: resnet18 for 32×32 data, narrow_resnet otherwise",
+    )
+    p.add_argument("--scenario", choices=("class", "random"), default=d.scenario)
+    p.add_argument(
+        "--forget-classes", type=int, nargs="+", default=d.forget_classes, help="for --scenario class"
+    )
+    p.add_argument("--forget-ratio", type=float, default=d.forget_ratio, help="for --scenario random")
+    p.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (0, 1, …) to average over")
+    p.add_argument(
+        "--epochs", type=int, default=d.epochs, help="unlearning epochs, the same for every method"
+    )
+    p.add_argument(
+        "--pretrain-epochs", type=int, default=d.pretrain_epochs, help="epochs for the original and Retrain"
+    )
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
+    p.add_argument("--train-size", type=int, default=d.train_size, help="training images used (0 = all)")
+    p.add_argument(
+        "--test-size",
+        type=int,
+        default=d.test_size,
+        help="test images used, split into val/test halves (0 = all)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--out", default=d.out)
+    p.add_argument(
+        "--cache-dir", default=d.cache_dir, help="where original/Retrain models are cached ($MUNBA_CACHE_DIR)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke run: small subsets, one epoch, one learning rate"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    a = p.parse_args(argv)
+    methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or 'all'")
+    if a.seeds < 1 or a.epochs < 1 or a.pretrain_epochs < 1:
+        p.error("--seeds, --epochs and --pretrain-epochs must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was requested but no CUDA device is available")
+    cfg = Config(
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        model=a.model,
+        scenario=a.scenario,
+        forget_classes=a.forget_classes,
+        forget_ratio=a.forget_ratio,
+        methods=methods,
+        seeds=a.seeds,
+        epochs=a.epochs,
+        pretrain_epochs=a.pretrain_epochs,
+        pretrain_lr=a.pretrain_lr,
+        train_size=a.train_size,
+        test_size=a.test_size,
+        batch_size=a.batch_size,
+        device=a.device,
+        out=a.out,
+        cache_dir=a.cache_dir,
+        quick=a.quick,
+        progress=not a.no_progress,
+    )
+    if cfg.quick:
+        cfg.train_size, cfg.test_size = min(cfg.train_size or 600, 600), min(cfg.test_size or 300, 300)
+        cfg.epochs, cfg.pretrain_epochs = 1, min(cfg.pretrain_epochs, 3)
+    return cfg
+
+
+@dataclass
+class Split:
+    """One seed's data: forget/retain from the training subset, val/test halves of the test set."""
+
+    forget: Subset
+    retain: Subset
+    val: Subset
+    test: Subset
+    num_classes: int
+    forget_spec: dict
+
+
+def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int) -> Split:
+    fixed = torch.Generator().manual_seed(0)  # the subsets are part of the dataset, not the seed
+    train_idx = torch.randperm(len(ds.y_train), generator=fixed)
+    if cfg.train_size:
+        train_idx = train_idx[: cfg.train_size]
+    test_idx = torch.randperm(len(ds.y_test), generator=fixed)
+    if cfg.test_size:
+        test_idx = test_idx[: cfg.test_size]
+    x, y = ds.x_train[train_idx], ds.y_train[train_idx]
+    mask = datasets.forget_mask(
+        y, cfg.scenario, forget_classes=cfg.forget_classes, forget_ratio=cfg.forget_ratio, seed=seed
+    )
+    xt, yt = ds.x_test[test_idx], ds.y_test[test_idx]
+    if cfg.scenario == "class":  # TA is measured on the classes that remain
+        keep = ~torch.isin(yt, torch.tensor(cfg.forget_classes))
+        xt, yt = xt[keep], yt[keep]
+    half = len(yt) // 2
+    dev = torch.device(cfg.device)
+
+    def sub(a, b):
+        return Subset(a.to(dev), b.to(dev))
+
+    spec = {"scenario": cfg.scenario, "seed": seed}
+    spec.update(
+        {"forget_classes": cfg.forget_classes}
+        if cfg.scenario == "class"
+        else {"forget_ratio": cfg.forget_ratio}
+    )
+    return Split(
+        sub(x[mask], y[mask]),
+        sub(x[~mask], y[~mask]),
+        sub(xt[:half], yt[:half]),
+        sub(xt[half:], yt[half:]),
+        ds.num_classes,
+        spec,
+    )
+
+
+def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: int, in_channels: int):
+    """Train (or load from the cache) the original or Retrain model; returns (model, seconds)."""
+    key = {
+        "kind": kind,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "train_size": cfg.train_size,
+        "epochs": cfg.pretrain_epochs,
+        "lr": cfg.pretrain_lr,
+        "batch_size": cfg.batch_size,
+        "seed": seed,
+        "n": len(data),
+        **({"forget": split.forget_spec} if kind == "retrain" else {}),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cfg.cache_dir) / "classify" / f"{kind}-{cfg.dataset}-{cfg.model}-{digest}.pt"
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
+    if path.exists():
+        saved = torch.load(path, map_location=cfg.device)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["seconds"]
+    start = time.perf_counter()
+    train_classifier(
+        model,
+        data,
+        epochs=cfg.pretrain_epochs,
+        lr=cfg.pretrain_lr,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        desc=f"{kind} (seed {seed})",
+        progress=cfg.progress,
+    )
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "seconds": seconds, "key": key}, tmp)
+    tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache entry
+    return model, seconds
+
+
+def evaluate(model, split: Split, held_out: Subset) -> dict[str, float]:
+    """UA, RA, TA, MIA with ``held_out`` as the test set (val half for selection, test half for reports)."""
+    return unlearning_metrics(
+        (predict(model, split.forget.x), split.forget.y.cpu()),
+        (predict(model, split.retain.x), split.retain.y.cpu()),
+        (predict(model, held_out.x), held_out.y.cpu()),
+    )
+
+
+def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, float], torch.Tensor]:
+    """k-NN probe accuracy on forget features (bank: labelled val features) and CKA to Retrain."""
+    head = classifier_head(model)
+    val_f = penultimate_features(model, head, split.val.x)
+    test_f = penultimate_features(model, head, split.test.x)
+    probe = knn_probe_accuracy(
+        val_f, split.val.y.cpu(), penultimate_features(model, head, split.forget.x), split.forget.y.cpu()
+    )
+    out = {"probe_forget": probe}
+    if retrain_feats is not None:
+        out["cka_to_retrain"] = linear_cka(test_f, retrain_feats)
+    return out, test_f
+
+
+def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple[dict[str, dict], list]:
+    split = prepare_data(cfg, ds, seed)
+    in_channels = ds.image_shape[0]
+    train_all = Subset(
+        torch.cat([split.forget.x, split.retain.x]), torch.cat([split.forget.y, split.retain.y])
+    )
+    original, orig_s = cached_training(cfg, "original", train_all, split, seed, in_channels)
+    retrain, retrain_s = cached_training(cfg, "retrain", split.retain, split, seed, in_channels)
+
+    retrain_val = evaluate(retrain, split, split.val)
+    retrain_test = evaluate(retrain, split, split.test)
+    retrain_repr, retrain_feats = representation(retrain, split)
+    rows = {
+        "Retrain": {
+            **retrain_test,
+            **retrain_repr,
+            "avg_gap": 0.0,
+            "cka_to_retrain": 1.0,
+            "seconds": retrain_s,
+        }
+    }
+    orig_test = evaluate(original, split, split.test)
+    rows["Original"] = {
+        **orig_test,
+        **representation(original, split, retrain_feats)[0],
+        "avg_gap": avg_gap(orig_test, retrain_test),
+        "seconds": orig_s,
+    }
+    trace = []
+    for method in cfg.methods:
+        grid = LR_GRID[method][:1] if cfg.quick else LR_GRID[method]
+        best = None
+        for lr in grid:
+            run = unlearn(
+                method,
+                copy.deepcopy(original),
+                split.forget,
+                split.retain,
+                num_classes=split.num_classes,
+                epochs=cfg.epochs,
+                lr=lr,
+                batch_size=cfg.batch_size,
+                seed=seed,
+                progress=cfg.progress,
+            )
+            gap_val = avg_gap(evaluate(run.model, split, split.val), retrain_val)
+            log(f"  seed {seed} {method:8s} lr {lr:<7g} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
+            if best is None or gap_val < best[0]:
+                best = (gap_val, lr, run)
+        _, lr, run = best
+        metrics = evaluate(run.model, split, split.test)
+        rows[method] = {
+            **metrics,
+            **representation(run.model, split, retrain_feats)[0],
+            "avg_gap": avg_gap(metrics, retrain_test),
+            "seconds": run.seconds,
+            "lr": lr,
+        }
+        if method == "MUNBa":
+            trace = run.bargain_log
+    return rows, trace
+
+
+def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Mean over seeds of every numeric entry, with the per-seed values alongside."""
+    out = {}
+    for name in per_seed[0]:
+        rows = [s[name] for s in per_seed]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lr"}
+        if "lr" in rows[0]:  # selected per seed: one value if they agree, else the list
+            lrs = [r["lr"] for r in rows]
+            mean["lr"] = lrs[0] if len(set(lrs)) == 1 else lrs
+        mean["per_seed"] = rows
+        out[name] = mean
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.model is None:
+        cfg.model = "resnet18" if ds.image_shape[1] >= 32 else "narrow_resnet"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{cfg.dataset}: {len(ds.y_train)} train / {len(ds.y_test)} test images; using "
+        f"{cfg.train_size or 'all'} / {cfg.test_size or 'all'}; model {cfg.model}; scenario {cfg.scenario}"
+    )
+    per_seed, traces = [], []
+    for seed in range(cfg.seeds):
+        rows, trace = run_seed(cfg, ds, seed)
+        per_seed.append(rows)
+        traces.append(trace)
+    methods = aggregate(per_seed)
+    results = {"config": asdict(cfg), "methods": methods}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    title = (
+        f"{cfg.dataset}, {cfg.scenario} forgetting "
+        f"({'classes ' + str(cfg.forget_classes) if cfg.scenario == 'class' else f'{cfg.forget_ratio:.0%}'}), "
+        f"{cfg.seeds} seed(s), mean"
+    )
+    table = markdown_table(methods, REPORT_COLUMNS, title)
+    (out / "results.md").write_text(table)
+    plot_metric_bars(methods, GAP_METRICS, out / "metrics.png", title)
+    if traces and traces[0]:
+        plot_bargain_trace(
+            traces[0], out / "munba_bargain.png", "MUNBa bargaining weights and cos φ (seed 0)"
+        )
+        (out / "munba_bargain.json").write_text(json.dumps(traces[0]))
+    print("\n" + table)
+    print(
+        f"wrote {out / 'results.json'}, results.md, metrics.png"
+        + (", munba_bargain.png" if traces[0] else "")
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Markdown tables and PNG plots of driver results (``results.json``-shaped dictionaries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def markdown_table(methods: dict[str, dict], columns: Sequence[str], title: str = "") -> str:
+    """One row per method; numbers with two decimals, missing values as '–'."""
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| method | " + " | ".join(columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    for name, row in methods.items():
+        cells = []
+        for col in columns:
+            value = row.get(col)
+            cells.append("–" if value is None else _fmt(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_bars(
+    methods: dict[str, dict], metrics: Sequence[str], path: str | Path, title: str = ""
+) -> None:
+    """Grouped bars of ``metrics`` per method, plus a panel of run time when present."""
+    plt = _pyplot()
+    names = list(methods)
+    has_time = any("seconds" in methods[n] for n in names)
+    fig, axes = plt.subplots(
+        1,
+        2 if has_time else 1,
+        figsize=(12 if has_time else 8, 4),
+        gridspec_kw={"width_ratios": [3, 1]} if has_time else None,
+        squeeze=False,
+    )
+    ax = axes[0][0]
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        values = [methods[n].get(metric, float("nan")) for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=metric)
+    ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(names))], names, rotation=20)
+    ax.set_ylabel("%")
+    ax.legend(ncols=len(metrics), fontsize="small")
+    ax.set_title(title)
+    if has_time:
+        tax = axes[0][1]
+        tax.bar(names, [methods[n].get("seconds", float("nan")) for n in names], color="grey")
+        tax.set_ylabel("seconds")
+        tax.tick_params(axis="x", rotation=60)
+        tax.set_title("run time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bargain_trace(log: Sequence[Sequence[float]], path: str | Path, title: str = "MUNBa") -> None:
+    """α_f, α_r (log scale) and cos φ per step of one MUNBa run."""
+    plt = _pyplot()
+    steps = range(len(log))
+    a_f, a_r, cos = zip(*log) if log else ((), (), ())
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    ax1.semilogy(steps, a_f, label="α_f (forget)")
+    ax1.semilogy(steps, a_r, label="α_r (preserve)")
+    ax1.set_ylabel("bargaining weight")
+    ax1.legend()
+    ax1.set_title(title)
+    ax2.plot(steps, cos, color="tab:green")
+    ax2.axhline(0.0, color="grey", lw=0.5)
+    ax2.set_ylabel("cos φ(g_f, g_r)")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

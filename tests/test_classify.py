@@ -1,0 +1,168 @@
+"""The classification driver on scikit-learn's digits: every method, the CLI end to end, caching."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from munba_kernels.drivers import classify, unlearning
+from munba_kernels.drivers.data import load_dataset
+from munba_kernels.drivers.models import build_model, classifier_head
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    cfg = classify.Config(dataset="digits", model="narrow_resnet", train_size=400, test_size=200)
+    return classify.prepare_data(cfg, load_dataset("digits"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def original(digits_split):
+    torch.manual_seed(0)
+    model = build_model("narrow_resnet", 1, 10)
+    train_all = unlearning.Subset(
+        torch.cat([digits_split.forget.x, digits_split.retain.x]),
+        torch.cat([digits_split.forget.y, digits_split.retain.y]),
+    )
+    return unlearning.train_classifier(
+        model, train_all, epochs=3, lr=0.05, batch_size=64, seed=0, desc="t", progress=False
+    )
+
+
+@pytest.mark.parametrize("method", unlearning.METHODS)
+def test_every_method_changes_the_model_and_keeps_it_finite(method, digits_split, original):
+    import copy
+
+    model = copy.deepcopy(original)
+    run = unlearning.unlearn(
+        method,
+        model,
+        digits_split.forget,
+        digits_split.retain,
+        num_classes=10,
+        epochs=1,
+        lr=0.01,
+        batch_size=64,
+        seed=0,
+        progress=False,
+    )
+    before = dict(original.named_parameters())
+    changed = [n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, f"{method} did not update any parameter"
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert run.seconds > 0
+    if method == "MUNBa":
+        steps = math.ceil(len(digits_split.retain) / 64)
+        assert len(run.bargain_log) == steps
+        a_f, a_r, cos = run.bargain_log[0]
+        assert a_f > 0 and a_r > 0 and -1 <= cos <= 1
+    else:
+        assert run.bargain_log == []
+
+
+def test_unknown_method_is_rejected(digits_split, original):
+    with pytest.raises(ValueError, match="method must be one of"):
+        unlearning.unlearn(
+            "SalUn",
+            original,
+            digits_split.forget,
+            digits_split.retain,
+            num_classes=10,
+            epochs=1,
+            lr=0.1,
+            batch_size=8,
+            seed=0,
+        )
+
+
+def test_paired_batches_cover_retain_and_forget_once_per_epoch():
+    gen = torch.Generator().manual_seed(0)
+    pairs = list(unlearning._paired_batches(100, 23, 16, 1, gen, "cpu", True))
+    retain = torch.cat([r for r, _ in pairs])
+    forget = torch.cat([f for _, f in pairs])
+    assert sorted(retain.tolist()) == list(range(100))
+    assert set(forget.tolist()) == set(range(23))
+    assert len(pairs) == math.ceil(100 / 16)
+
+
+def test_class_scenario_split_drops_the_class_from_test():
+    cfg = classify.Config(
+        dataset="digits", scenario="class", forget_classes=[3, 5], train_size=400, test_size=200
+    )
+    split = classify.prepare_data(cfg, load_dataset("digits"), seed=0)
+    assert set(split.forget.y.tolist()) == {3, 5}
+    assert not ({3, 5} & set(split.retain.y.tolist()))
+    assert not {3, 5} & (set(split.test.y.tolist()) | set(split.val.y.tolist()))
+
+
+def test_models_shapes_and_heads():
+    x28 = torch.randn(2, 1, 28, 28)
+    narrow = build_model("narrow_resnet", 1, 10)
+    assert narrow(x28).shape == (2, 10) and classifier_head(narrow).in_features == 64
+    r18 = build_model("resnet18", 3, 100).eval()
+    assert r18(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert r18.conv1.stride == (1, 1) and isinstance(r18.maxpool, torch.nn.Identity)
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_model("vit", 1, 10)
+
+
+def test_cli_quick_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
+    def argv(out):
+        return [
+            "--dataset",
+            "digits",
+            "--scenario",
+            "class",
+            "--forget-classes",
+            "3",
+            "--methods",
+            "all",
+            "--seeds",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--quick",
+            "--no-progress",
+        ]
+
+    results = classify.main(argv("out"))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["config"]["dataset"] == "digits" and saved["config"]["seeds"] == 2
+    assert set(saved["methods"]) == {"Retrain", "Original", *unlearning.METHODS}
+    for name, row in saved["methods"].items():
+        for key in ("UA", "RA", "TA", "MIA", "avg_gap", "seconds"):
+            assert 0.0 <= row[key] <= 100.0 or key == "seconds", (name, key)
+        assert len(row["per_seed"]) == 2
+        assert row["avg_gap"] == pytest.approx(sum(s["avg_gap"] for s in row["per_seed"]) / 2)
+    assert saved["methods"]["Retrain"]["avg_gap"] == 0.0
+    assert results["methods"]["MUNBa"]["UA"] == saved["methods"]["MUNBa"]["UA"]
+    for name in ("results.md", "metrics.png", "munba_bargain.png", "munba_bargain.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "| MUNBa |" in (tmp_path / "out" / "results.md").read_text()
+    assert len(list((tmp_path / "cache" / "classify").glob("*.pt"))) == 4  # original + Retrain, 2 seeds
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached original/Retrain models should have been reused")
+
+    monkeypatch.setattr(classify, "train_classifier", no_training)
+    again = classify.main(argv("out2"))
+    assert again["methods"]["Retrain"]["UA"] == saved["methods"]["Retrain"]["UA"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "FT,SalUn"], "unknown"),
+        (["--seeds", "0"], "at least 1"),
+        (["--scenario", "sideways"], "invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        classify.parse_args(argv)
+    assert message in capsys.readouterr().err
