@@ -10,7 +10,7 @@ is a no-op for fp32 and keeps bf16/fp16 results identical in kind to the referen
 
 A missing gradient has address 0 in the table and its loads are masked off, so it costs
 no bandwidth (a zeros buffer would cost a read and memory as large as the largest tensor).
-When ``skip`` is 1.0 every load and store is masked off: nothing is read or written.
+When ``skip`` is 1.0 every chunk is empty: nothing is read or written.
 The step counts advance on the device by ``1 - skip`` before the launch, and each program
 reads its tensor's own count for the bias corrections (params added later may lag).
 
@@ -188,6 +188,7 @@ def _sgd_kernel(
     COMPUTE: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     FIRST_STEP: tl.constexpr,  # the buffer is set to d (torch's "buf is None" branch)
     NESTEROV: tl.constexpr,
@@ -216,7 +217,8 @@ def _sgd_kernel(
         if MAXIMIZE:
             d = -d
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        d = d + wd * p  # L2 decay (wd = 0 adds exactly zero)
+        if DECAY:  # a constexpr, not wd*p with wd = 0: an inf parameter would give NaN
+            d = d + wd * p
         if HAS_MOMENTUM:
             if FIRST_STEP:
                 buf = d
@@ -291,21 +293,28 @@ def _tune_on_scratch(kernel, state_keys, device: torch.device, launch_args: dict
     fills the autotuner's cache entry that the real launch then uses.  4M elements per
     array is large enough that timings reflect streaming bandwidth.
     """
-    key = (kernel, device, launch_args["DTYPE"])
+    # Everything the autotuner keys on: DTYPE and the dtypes of the tensor arguments (a
+    # device lr adds one).  A key tuned here is never benchmarked on the real tensors.
+    key = (
+        kernel,
+        device,
+        launch_args["DTYPE"],
+        *(a.dtype for a in launch_args.values() if isinstance(a, Tensor)),
+    )
     if len(kernel.configs) == 1 or key in _TUNED:
         return
     dtype = {v: k for k, v in triton_tables.TL_DTYPES.items()}[launch_args["DTYPE"]]
 
-    def scratch(key):
-        if key == "step":
+    def scratch(column):
+        if column == "step":
             return torch.ones((), dtype=torch.float32, device=device)
-        return None if key is None else torch.zeros(_SCRATCH_NUMEL, dtype=dtype, device=device)
+        return None if column is None else torch.zeros(_SCRATCH_NUMEL, dtype=dtype, device=device)
 
     columns = [scratch(k) for k in ("param", "forget", "preserve", *state_keys)]
     tables = triton_tables.build([list(map(_address, columns))], [_SCRATCH_NUMEL], device)
     args = dict(launch_args)
-    args["coefficients"] = torch.ones(2, dtype=torch.float64, device=device)
-    args["skip_ptr"] = torch.zeros((), dtype=torch.float32, device=device)  # a skipped run times nothing
+    args["coefficients"] = torch.ones_like(args["coefficients"])
+    args["skip_ptr"] = torch.zeros_like(args["skip_ptr"])  # a skipped run would time nothing
     if args["lr_ptr"] is not None:
         args["lr_ptr"] = torch.zeros_like(args["lr_ptr"])
     kernel[(tables.n_chunks,)](tables.tensors, tables.chunks, **args)
@@ -365,6 +374,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         COMPUTE=compute,
         LR_ON_DEVICE=lr_ptr is not None,
         MAXIMIZE=hp.maximize,
+        DECAY=hp.weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
         FIRST_STEP=bucket.first_step,
         NESTEROV=hp.nesterov,
