@@ -71,8 +71,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     if module is None or not module.is_available():
         reason = "not built" if module is None else module.unavailable_reason()
         raise RuntimeError(
-            f"backend={name!r} is not available in this install ({reason}); "
-            f"available: {available()}"
+            f"backend={name!r} is not available in this install ({reason}); available: {available()}"
         )
     if not module.supports(device):
         raise RuntimeError(f"backend={name!r} does not support parameters on {device}")
