@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-all lint clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py csrc/munba_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_PINS)
@@ -20,11 +20,12 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m munba_kernels.drivers.toy
 
+# MUNBA_REQUIRE_CPP=1: a missing C++ extension fails the suite instead of skipping its tests.
 test: setup
-	$(PY) -m pytest -q
+	MUNBA_REQUIRE_CPP=1 $(PY) -m pytest -q
 
 test-all: setup
-	$(PY) -m pytest -q -m ""
+	MUNBA_REQUIRE_CPP=1 $(PY) -m pytest -q -m ""
 
 lint: setup
 	$(VENV)/bin/ruff check munba_kernels tests benchmarks

@@ -1,0 +1,467 @@
+// Fused CPU kernels for MUNBaOptimizer's two passes (contract: munba_kernels/backends/base.py).
+//
+//   gram  : [ff, fr, rr] over all (g_f, g_r) pairs, accumulated in float64.
+//   adamw : one pass per tensor: d = c_f*g_f + c_r*g_r, then torch.optim.AdamW's update.
+//   sgd   : one pass per tensor: d = c_f*g_f + c_r*g_r, then torch.optim.SGD's update.
+//
+// The direction d lives only in registers, so the update reads g_f, g_r, p and the states
+// once and writes p and the states once, rounding once on store.  Math is in
+// at::opmath_type<T> (fp32 for fp32/bf16/fp16, fp64 for fp64), as in torch's fused kernels.
+//
+// Work is split into fixed-size chunks of kChunk elements (never straddling two tensors) so
+// that every tensor size, from 1 element to hundreds of millions, load-balances over ATen's
+// thread pool, and so that the Gram's summation order depends only on the tensor sizes,
+// never on the number of threads or on scheduling: the result is bitwise reproducible.
+//
+// Build flags (setup.py): -O3 vectorises the plain loops below for the baseline x86-64 ISA;
+// -ffp-contract=off keeps a*b+c as two roundings (as in the reference backend, and the same
+// on every machine); -fno-math-errno lets std::sqrt vectorise; -fopenmp powers at::parallel_for.
+
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensors = std::vector<std::optional<Tensor>>;
+
+// 32768 elements: 128 KiB of fp32 per stream, so the five streams of an AdamW chunk stay
+// in L2, while a 20M-element model still yields ~600 chunks to balance across threads.
+constexpr int64_t kChunk = int64_t(1) << 15;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < int64_t(numels.size()); ++t) {
+    for (int64_t b = 0; b < numels[t]; b += kChunk) {
+      chunks.push_back({t, b, std::min(b + kChunk, numels[t])});
+    }
+  }
+  return chunks;
+}
+
+// Runs fn(chunk_index) for every chunk on ATen's thread pool.  grain_size 2: a single chunk
+// runs inline, because waking the pool costs more than 32K elements of work.
+template <typename F>
+void parallel_chunks(const std::vector<Chunk>& chunks, const F& fn) {
+  at::parallel_for(0, int64_t(chunks.size()), 2, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      fn(c);
+    }
+  });
+}
+
+// Widen on load: T -> opmath (exact) -> acc_t (exact for float -> double).
+template <typename acc_t, typename T>
+inline acc_t load(T x) {
+  return static_cast<acc_t>(static_cast<at::opmath_type<T>>(x));
+}
+
+// Elements can be walked linearly in memory when the tensor is dense; two tensors can be
+// walked in lockstep when they also share strides (or are both contiguous).
+bool same_dense_layout(const Tensor& a, const Tensor& b) {
+  return a.is_non_overlapping_and_dense() &&
+      ((a.is_contiguous() && b.is_contiguous()) || a.strides() == b.strides());
+}
+
+// A gradient in the layout of `like` (dense): itself when it already is, else a copy.
+// Autograd produces gradients in the parameter's layout, so the copy is the rare path.
+Tensor in_layout_of(const Tensor& g, const Tensor& like) {
+  if (same_dense_layout(g, like)) {
+    return g;
+  }
+  return at::empty_like(like).copy_(g);
+}
+
+void check_gradient(const Tensor& g, const Tensor& like, const char* which, size_t i) {
+  TORCH_CHECK(g.device().is_cpu(), "munba_cpu: ", which, "[", i, "] is on ", g.device(), ", expected CPU");
+  TORCH_CHECK(!g.is_sparse(), "munba_cpu: ", which, "[", i, "] is sparse");
+  TORCH_CHECK(g.scalar_type() == like.scalar_type() && g.sizes() == like.sizes(), "munba_cpu: ", which, "[",
+              i, "] has dtype/shape ", g.scalar_type(), "/", g.sizes(), ", expected ", like.scalar_type(),
+              "/", like.sizes());
+}
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// ------------------------------------------------------------------------------ pass 1: Gram
+
+// Sums of f*f, f*r, r*r over n elements (a missing gradient, kF/kR false, counts as zero).
+// Eight independent float64 lanes per sum: the compiler maps them onto SIMD registers, and
+// their fixed layout fixes the summation order.  Products of fp32/bf16/fp16 values are exact
+// in float64, so only the additions round.
+template <typename T, bool kF, bool kR>
+void gram_chunk(const T* f, const T* r, int64_t n, double out[3]) {
+  constexpr int kLanes = 8;
+  double ff[kLanes] = {}, fr[kLanes] = {}, rr[kLanes] = {};
+  auto accumulate = [&](int lane, int64_t i) {
+    const double a = kF ? load<double>(f[i]) : 0.0;
+    const double b = kR ? load<double>(r[i]) : 0.0;
+    if constexpr (kF) ff[lane] += a * a;
+    if constexpr (kF && kR) fr[lane] += a * b;
+    if constexpr (kR) rr[lane] += b * b;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      accumulate(lane, i + lane);
+    }
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {
+    accumulate(lane, i);
+  }
+  auto pairwise = [](const double* x) {
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+  };
+  out[0] = pairwise(ff);
+  out[1] = pairwise(fr);
+  out[2] = pairwise(rr);
+}
+
+Tensor gram(const OptTensors& forget, const OptTensors& preserve) {
+  TORCH_CHECK(forget.size() == preserve.size(), "munba_cpu.gram: ", forget.size(), " forget vs ",
+              preserve.size(), " preserve gradients");
+  const size_t count = forget.size();
+  std::vector<Tensor> fs(count), rs(count);
+  std::vector<int64_t> numels(count);
+  for (size_t i = 0; i < count; ++i) {
+    const bool has_f = forget[i].has_value() && forget[i]->defined();
+    const bool has_r = preserve[i].has_value() && preserve[i]->defined();
+    TORCH_CHECK(has_f || has_r, "munba_cpu.gram: pair ", i, " has neither gradient");
+    Tensor like = has_f ? *forget[i] : *preserve[i];
+    if (has_f) check_gradient(*forget[i], like, "forget", i);
+    if (has_r) check_gradient(*preserve[i], like, "preserve", i);
+    TORCH_CHECK(is_supported_dtype(like.scalar_type()), "munba_cpu.gram: unsupported dtype ",
+                like.scalar_type());
+    if (!like.is_non_overlapping_and_dense()) {
+      like = like.contiguous();
+    }
+    if (has_f) fs[i] = in_layout_of(*forget[i], like);
+    if (has_r) rs[i] = in_layout_of(*preserve[i], like);
+    numels[i] = like.numel();
+  }
+
+  const std::vector<Chunk> chunks = split_into_chunks(numels);
+  std::vector<double> partials(3 * chunks.size());
+  parallel_chunks(chunks, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const Tensor& f = fs[ch.tensor];
+    const Tensor& r = rs[ch.tensor];
+    const auto dtype = (f.defined() ? f : r).scalar_type();
+    double* out = &partials[3 * c];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "munba_cpu_gram", [&] {
+      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      const int64_t n = ch.end - ch.begin;
+      if (fp && rp) {
+        gram_chunk<scalar_t, true, true>(fp, rp, n, out);
+      } else if (fp) {
+        gram_chunk<scalar_t, true, false>(fp, rp, n, out);
+      } else {
+        gram_chunk<scalar_t, false, true>(fp, rp, n, out);
+      }
+    });
+  });
+
+  // Chunk partials are added in chunk order: deterministic for any thread count.
+  auto result = at::zeros({3}, at::TensorOptions().dtype(at::kDouble));
+  double* total = result.data_ptr<double>();
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    for (int k = 0; k < 3; ++k) {
+      total[k] += partials[3 * c + k];
+    }
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------- pass 2: the update
+
+// The tensors of one bucket, validated and laid out so that every stream of tensor t can be
+// walked linearly over [0, numel) in lockstep with the parameter.
+struct Bucket {
+  std::vector<Tensor> params, forget, preserve;  // forget/preserve: undefined = missing
+  std::vector<int64_t> numels;
+  at::ScalarType dtype = at::kFloat;
+};
+
+Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
+                   const std::vector<const std::vector<Tensor>*>& states) {
+  const size_t count = params.size();
+  TORCH_CHECK(forget.size() == count && preserve.size() == count, "munba_cpu: ", count, " params but ",
+              forget.size(), " forget and ", preserve.size(), " preserve gradients");
+  Bucket b;
+  b.dtype = count ? params[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(is_supported_dtype(b.dtype), "munba_cpu: unsupported dtype ", b.dtype);
+  for (const auto* s : states) {
+    TORCH_CHECK(s->size() == count, "munba_cpu: ", count, " params but ", s->size(), " state tensors");
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == b.dtype, "munba_cpu: params[", i,
+                "] must be a CPU tensor of dtype ", b.dtype, ", got ", p.scalar_type(), " on ", p.device());
+    // Parameters and states are updated in place, so they cannot be copied into a layout.
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "munba_cpu: params[", i,
+                "] is not dense (a strided view); use backend='torch'");
+    for (const auto* s : states) {
+      const Tensor& st = (*s)[i];
+      TORCH_CHECK(st.scalar_type() == b.dtype && st.sizes() == p.sizes() && same_dense_layout(p, st),
+                  "munba_cpu: the state of params[", i, "] does not match the parameter's dtype/layout");
+    }
+    const bool has_f = forget[i].has_value() && forget[i]->defined();
+    const bool has_r = preserve[i].has_value() && preserve[i]->defined();
+    TORCH_CHECK(has_f || has_r, "munba_cpu: params[", i, "] has neither gradient");
+    if (has_f) {
+      check_gradient(*forget[i], p, "forget", i);
+      b.forget.push_back(in_layout_of(*forget[i], p));
+    } else {
+      b.forget.emplace_back();
+    }
+    if (has_r) {
+      check_gradient(*preserve[i], p, "preserve", i);
+      b.preserve.push_back(in_layout_of(*preserve[i], p));
+    } else {
+      b.preserve.emplace_back();
+    }
+    b.params.push_back(p);
+    b.numels.push_back(p.numel());
+  }
+  return b;
+}
+
+// Host scalars read once per call: the coefficients [c_f, c_r] (float64) and the skip flag.
+struct Direction {
+  double cf, cr;
+};
+
+std::optional<Direction> read_direction(const Tensor& coefficients, const Tensor& skip, bool maximize) {
+  TORCH_CHECK(coefficients.device().is_cpu() && coefficients.scalar_type() == at::kDouble &&
+                  coefficients.numel() == 2,
+              "munba_cpu: coefficients must be a 2-element float64 CPU tensor");
+  TORCH_CHECK(skip.device().is_cpu() && skip.numel() == 1, "munba_cpu: skip must be a 1-element CPU tensor");
+  // As torch's fused optimizers' found_inf: exactly 1.0 skips the whole step.
+  if (skip.item<float>() == 1.0f) {
+    return std::nullopt;
+  }
+  const Tensor c = coefficients.contiguous();
+  const double* cp = c.const_data_ptr<double>();
+  // maximize (d = -d) is folded into the coefficients: negation is exact, so
+  // (-c_f)*g_f + (-c_r)*g_r rounds to exactly -(c_f*g_f + c_r*g_r).
+  const double sign = maximize ? -1.0 : 1.0;
+  return Direction{sign * cp[0], sign * cp[1]};
+}
+
+// d = c_f*g_f + c_r*g_r in op_t, with the same operation order as the reference backend.
+template <bool kF, bool kR, typename op_t, typename T>
+inline op_t direction(const T* f, const T* r, int64_t i, op_t cf, op_t cr) {
+  if constexpr (kF && kR) {
+    return load<op_t>(f[i]) * cf + load<op_t>(r[i]) * cr;
+  } else if constexpr (kF) {
+    return load<op_t>(f[i]) * cf;
+  } else {
+    return load<op_t>(r[i]) * cr;
+  }
+}
+
+// Calls body(has_f, has_r) with compile-time booleans for the presence pattern of one
+// tensor's gradients, so the inner loops carry no per-element branch on it.
+template <typename Body>
+void with_presence(bool has_f, bool has_r, const Body& body) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (has_f && has_r) {
+    body(yes{}, yes{});
+  } else if (has_f) {
+    body(yes{}, no{});
+  } else {
+    body(no{}, yes{});
+  }
+}
+
+// Per-tensor AdamW constants (bias corrections depend on the tensor's own step count).
+template <typename op_t>
+struct AdamTensorConsts {
+  op_t decay, step_size, bias_correction2_sqrt;
+};
+
+template <typename op_t>
+struct AdamConsts {
+  op_t cf, cr, lerp_weight, beta2, one_minus_beta2, eps;
+  bool lerp_from_grad;  // |1 - beta1| >= 0.5: torch's lerp then computes from the far end
+};
+
+// torch.optim.AdamW (fused CPU kernel's formulas and operation order; it uses one FMA in
+// the lerp where this uses a multiply and an add, so fp32 results may differ by one ulp).
+template <bool kF, bool kR, typename T, typename op_t>
+void adamw_chunk(T* p, T* m, T* v, const T* f, const T* r, int64_t n, const AdamConsts<op_t>& k,
+                 const AdamTensorConsts<op_t>& t) {
+  // Constants are copied into locals: the stores below could alias `k` and `t` as far as the
+  // compiler knows, which would force a reload each iteration and block vectorisation.
+  const op_t cf = k.cf, cr = k.cr, beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2, eps = k.eps;
+  const op_t decay = t.decay, step_size = t.step_size, bc2_sqrt = t.bias_correction2_sqrt;
+  // lerp(m, d, w) = m + w*(d - m), or d - (1 - w)*(d - m) for large w, as torch; both are
+  // base + coeff*(d - m), with the base chosen by a select so the loop has no branch.
+  const bool from_grad = k.lerp_from_grad;
+  const op_t coeff = from_grad ? k.lerp_weight - op_t(1) : k.lerp_weight;
+  for (int64_t i = 0; i < n; ++i) {
+    const op_t d = direction<kF, kR>(f, r, i, cf, cr);
+    const op_t param = load<op_t>(p[i]) * decay;
+    const op_t m_old = load<op_t>(m[i]);
+    const op_t m_new = (from_grad ? d : m_old) + coeff * (d - m_old);
+    const op_t v_new = load<op_t>(v[i]) * beta2 + one_minus_beta2 * d * d;
+    m[i] = static_cast<T>(m_new);
+    v[i] = static_cast<T>(v_new);
+    // As torch: the update uses the unrounded moments.
+    const op_t denom = std::sqrt(v_new) / bc2_sqrt + eps;
+    p[i] = static_cast<T>(param - step_size * m_new / denom);
+  }
+}
+
+void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
+           const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+           const std::vector<Tensor>& steps, const Tensor& coefficients, const Tensor& skip, double lr,
+           double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+  const Bucket b = make_bucket(params, forget, preserve, {&exp_avgs, &exp_avg_sqs});
+  TORCH_CHECK(steps.size() == params.size(), "munba_cpu.adamw: ", params.size(), " params but ",
+              steps.size(), " step counts");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "munba_cpu.adamw: state['step'] of params[", i, "] must be a float32 CPU scalar tensor");
+  }
+  const std::optional<Direction> dir = read_direction(coefficients, skip, maximize);
+  if (!dir) {
+    return;  // skipped: nothing is written, step counts included
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_adamw", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const AdamConsts<op_t> k{op_t(dir->cf), op_t(dir->cr), op_t(1 - beta1), op_t(beta2), op_t(1 - beta2),
+                             op_t(eps), std::abs(1 - beta1) >= 0.5};
+    // Step counts advance first; bias corrections in double from the float32 count, as torch.
+    std::vector<AdamTensorConsts<op_t>> per_tensor;
+    for (const Tensor& s : steps) {
+      float* count = s.data_ptr<float>();
+      *count += 1.0f;
+      const double step = *count;
+      const double bias_correction1 = 1 - std::pow(beta1, step);
+      const double bias_correction2 = 1 - std::pow(beta2, step);
+      per_tensor.push_back(
+          {op_t(1 - lr * weight_decay), op_t(lr / bias_correction1), op_t(std::sqrt(bias_correction2))});
+    }
+    const std::vector<Chunk> chunks = split_into_chunks(b.numels);
+    parallel_chunks(chunks, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      const Tensor& f = b.forget[ch.tensor];
+      const Tensor& r = b.preserve[ch.tensor];
+      const int64_t off = ch.begin;
+      scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
+      scalar_t* m = exp_avgs[ch.tensor].data_ptr<scalar_t>() + off;
+      scalar_t* v = exp_avg_sqs[ch.tensor].data_ptr<scalar_t>() + off;
+      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
+      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
+      with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
+        adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p, m, v, fp, rp, ch.end - off, k, per_tensor[ch.tensor]);
+      });
+    });
+  });
+}
+
+template <typename op_t>
+struct SgdConsts {
+  op_t cf, cr, weight_decay, momentum, one_minus_dampening, lr;
+  bool has_weight_decay, first_step, nesterov;
+};
+
+// torch.optim.SGD (fused CPU kernel's formulas and operation order).  Without momentum
+// there is no buffer (kMomentum false, buf unused).
+template <bool kF, bool kR, bool kMomentum, typename T, typename op_t>
+void sgd_chunk(T* p, T* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
+  // Locals, not k's fields: see adamw_chunk.
+  const op_t cf = k.cf, cr = k.cr, weight_decay = k.weight_decay, momentum = k.momentum;
+  const op_t one_minus_dampening = k.one_minus_dampening, lr = k.lr;
+  const bool has_weight_decay = k.has_weight_decay, first_step = k.first_step, nesterov = k.nesterov;
+  for (int64_t i = 0; i < n; ++i) {
+    op_t d = direction<kF, kR>(f, r, i, cf, cr);
+    const op_t param = load<op_t>(p[i]);
+    // A select rather than d + 0*p, which would turn an infinite parameter into NaN.
+    d = has_weight_decay ? d + param * weight_decay : d;
+    if constexpr (kMomentum) {
+      // The optimizer allocates the buffer zeroed, so reading it on the first step is safe.
+      const op_t b_new = first_step ? d : load<op_t>(buf[i]) * momentum + d * one_minus_dampening;
+      buf[i] = static_cast<T>(b_new);
+      d = nesterov ? d + b_new * momentum : b_new;
+    }
+    p[i] = static_cast<T>(param - d * lr);
+  }
+}
+
+void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
+         const std::vector<Tensor>& momentum_buffers, const Tensor& coefficients, const Tensor& skip, double lr,
+         double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
+         bool first_step) {
+  const bool has_momentum = momentum != 0;
+  std::vector<const std::vector<Tensor>*> states;
+  if (has_momentum) {
+    states.push_back(&momentum_buffers);
+  }
+  const Bucket b = make_bucket(params, forget, preserve, states);
+  const std::optional<Direction> dir = read_direction(coefficients, skip, maximize);
+  if (!dir) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_sgd", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const SgdConsts<op_t> k{op_t(dir->cf),     op_t(dir->cr),      op_t(weight_decay),
+                            op_t(momentum),    op_t(1 - dampening), op_t(lr),
+                            weight_decay != 0, first_step,          nesterov};
+    const std::vector<Chunk> chunks = split_into_chunks(b.numels);
+    parallel_chunks(chunks, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      const Tensor& f = b.forget[ch.tensor];
+      const Tensor& r = b.preserve[ch.tensor];
+      const int64_t off = ch.begin;
+      scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
+      scalar_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<scalar_t>() + off : nullptr;
+      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
+      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
+      with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
+        if (has_momentum) {
+          sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p, buf, fp, rp, ch.end - off, k);
+        } else {
+          sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p, buf, fp, rp, ch.end - off, k);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "munba_kernels fused CPU kernels: Gram pass and bargained AdamW/SGD update pass";
+  // The kernels touch no Python objects, so other Python threads may run meanwhile.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gram", &gram, "float64 [ff, fr, rr] over all gradient pairs (None = zero)", py::arg("forget"),
+        py::arg("preserve"), nogil);
+  m.def("adamw", &adamw, "bargained AdamW update, in place", py::arg("params"), py::arg("forget"),
+        py::arg("preserve"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"),
+        py::arg("coefficients"), py::arg("skip"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), nogil);
+  m.def("sgd", &sgd, "bargained SGD update, in place", py::arg("params"), py::arg("forget"),
+        py::arg("preserve"), py::arg("momentum_buffers"), py::arg("coefficients"), py::arg("skip"),
+        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("maximize"), py::arg("first_step"), nogil);
+}

@@ -1,0 +1,160 @@
+"""Compiled CPU backend: the two passes as fused C++ kernels (``csrc/munba_cpu.cpp``).
+
+* :func:`gram` reads every gradient once and accumulates ``[ff, fr, rr]`` in float64 over
+  fixed-size chunks summed in a fixed order, so the result is bitwise identical for any
+  thread count.
+* :func:`adamw` / :func:`sgd` make one pass per tensor: ``d = c_f·g_f + c_r·g_r`` is formed
+  in registers (never stored), then the base rule updates the parameter and its states,
+  each written once.
+
+The extension ``munba_kernels._C_cpu`` is optional (``setup.py`` skips it when it cannot be
+compiled); it is imported on first use, never at import time, and :func:`is_available`
+reports why it is missing.
+
+Layouts: the kernels walk each parameter's memory linearly, so a parameter must be dense
+(contiguous, channels_last, ...) and its states must share its strides.  Gradients in
+another layout are copied into the parameter's layout by the extension; the rare parameter
+that is a gapped view (or whose states are laid out differently) is updated through a
+contiguous copy that is copied back.  (torch's own fused CPU kernels, and hence the
+reference backend, walk storage order and get such layouts wrong.)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .base import AdamWHyper, SGDHyper, TensorBucket
+
+name = "cpp"
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_ext: ModuleType | None = None
+_error: str | None = None
+
+
+def _extension() -> ModuleType | None:
+    global _ext, _error
+    if _ext is None and _error is None:
+        try:
+            _ext = importlib.import_module("munba_kernels._C_cpu")
+        except ImportError as err:
+            _error = f"the C++ extension munba_kernels._C_cpu is not built or does not load: {err}"
+    return _ext
+
+
+def is_available() -> bool:
+    return _extension() is not None
+
+
+def unavailable_reason() -> str:
+    return "" if is_available() else str(_error)
+
+
+def supports(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _lib() -> ModuleType:
+    lib = _extension()
+    if lib is None:
+        raise RuntimeError(f"backend='cpp' is unavailable: {_error}")
+    return lib
+
+
+def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
+    """Float64 ``[ff, fr, rr]`` over all pairs (``None`` = zero gradient)."""
+    if any(g is not None and g.dtype not in _DTYPES for g in (*forget, *preserve)):
+        return reference.gram(forget, preserve, device)  # e.g. float8: no kernel for it
+    return _lib().gram(list(forget), list(preserve))
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (any dimension order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def _in_place(p: Tensor, state: dict, state_keys: Sequence[str]) -> bool:
+    return _dense(p) and all(state[key].stride() == p.stride() for key in state_keys)
+
+
+def _stage(bucket: TensorBucket, state_keys: Sequence[str]):
+    """Params and per-key state lists the kernels can update in place, and the
+    ``(original, contiguous copy)`` pairs to copy back afterwards (odd layouts only)."""
+    params, states, staged = [], [[] for _ in state_keys], []
+    for p, state in zip(bucket.params, bucket.states):
+        copy = not _in_place(p, state, state_keys)
+        for tensors, t in zip([params, *states], [p, *(state[k] for k in state_keys)]):
+            tensors.append(t.contiguous().clone() if copy else t)
+            if copy:
+                staged.append((t, tensors[-1]))
+    return params, states, staged
+
+
+def _copy_back(staged) -> None:
+    for original, copy in staged:
+        original.copy_(copy)
+
+
+def _lr(lr: float | Tensor) -> float:
+    # A CPU tensor lr is read as torch's fused kernels read it (its value as a double).
+    return float(lr)
+
+
+def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+    if bucket.dtype not in _DTYPES:  # e.g. float8: no kernel for it
+        reference.adamw(bucket, coefficients, skip, hp)
+        return
+    params, (exp_avg, exp_avg_sq), staged = _stage(bucket, ("exp_avg", "exp_avg_sq"))
+    _lib().adamw(
+        params,
+        bucket.forget,
+        bucket.preserve,
+        exp_avg,
+        exp_avg_sq,
+        bucket.state("step"),
+        coefficients,
+        skip,
+        _lr(hp.lr),
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        hp.maximize,
+    )
+    _copy_back(staged)
+
+
+def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
+    if bucket.dtype not in _DTYPES:
+        reference.sgd(bucket, coefficients, skip, hp)
+        return
+    keys = ("momentum_buffer",) if hp.momentum != 0 else ()
+    params, states, staged = _stage(bucket, keys)
+    _lib().sgd(
+        params,
+        bucket.forget,
+        bucket.preserve,
+        states[0] if keys else [],
+        coefficients,
+        skip,
+        _lr(hp.lr),
+        hp.momentum,
+        hp.dampening,
+        hp.nesterov,
+        hp.weight_decay,
+        hp.maximize,
+        bucket.first_step,
+    )
+    _copy_back(staged)
