@@ -13,7 +13,9 @@
 // thread pool, and so that the Gram's summation order depends only on the tensor sizes,
 // never on the number of threads or on scheduling: the result is bitwise reproducible.
 //
-// Build flags (setup.py): -O3 vectorises the plain loops below for the baseline x86-64 ISA;
+// Build flags (setup.py): -O3 vectorises the plain loops below for the baseline x86-64 ISA,
+// and the hot loops are also cloned for AVX2 / AVX-512, picked at load time (target_clones;
+// IEEE +, *, /, sqrt round identically in every clone, so results do not depend on the CPU);
 // -ffp-contract=off keeps a*b+c as two roundings (as in the reference backend, and the same
 // on every machine); -fno-math-errno lets std::sqrt vectorise; -fopenmp powers at::parallel_for.
 
@@ -102,28 +104,58 @@ bool is_supported_dtype(at::ScalarType t) {
 // ------------------------------------------------------------------------------ pass 1: Gram
 
 // Sums of f*f, f*r, r*r over n elements (a missing gradient, kF/kR false, counts as zero).
-// Eight independent float64 lanes per sum: the compiler maps them onto SIMD registers, and
-// their fixed layout fixes the summation order.  Products of fp32/bf16/fp16 values are exact
-// in float64, so only the additions round.
+// Eight float64 lanes per sum, lane k holding elements i ≡ k (mod 8), then a fixed pairwise
+// fold: the summation order is explicit, so the result does not depend on how the compiler
+// vectorises.  Products of fp32/bf16/fp16 values are exact in float64; only additions round.
+//
+// The lanes are two 4-wide GCC vector values per sum rather than arrays: with arrays GCC
+// kept the accumulators on the stack (a store-forwarding chain per add, 2.5x slower).
+// Widening to float64 makes the loop compute-bound at the baseline ISA's two double lanes,
+// so it is also compiled for AVX2 and AVX-512 and picked at load time (target_clones).
+// -ffp-contract=off keeps every clone from fusing a*b+c: all clones give the same bits.
+using v4d = double __attribute__((vector_size(32)));
+
+template <typename T>
+inline v4d load4(const T* x) {
+  return v4d{load<double>(x[0]), load<double>(x[1]), load<double>(x[2]), load<double>(x[3])};
+}
+
 template <typename T, bool kF, bool kR>
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void gram_chunk(const T* f, const T* r, int64_t n, double out[3]) {
-  constexpr int kLanes = 8;
-  double ff[kLanes] = {}, fr[kLanes] = {}, rr[kLanes] = {};
-  auto accumulate = [&](int lane, int64_t i) {
+  v4d ff0{}, ff1{}, fr0{}, fr1{}, rr0{}, rr1{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v4d a0{}, a1{}, b0{}, b1{};
+    if constexpr (kF) {
+      a0 = load4(f + i);
+      a1 = load4(f + i + 4);
+      ff0 += a0 * a0;
+      ff1 += a1 * a1;
+    }
+    if constexpr (kR) {
+      b0 = load4(r + i);
+      b1 = load4(r + i + 4);
+      rr0 += b0 * b0;
+      rr1 += b1 * b1;
+    }
+    if constexpr (kF && kR) {
+      fr0 += a0 * b0;
+      fr1 += a1 * b1;
+    }
+  }
+  double ff[8], fr[8], rr[8];
+  for (int k = 0; k < 4; ++k) {
+    ff[k] = ff0[k], ff[k + 4] = ff1[k];
+    fr[k] = fr0[k], fr[k + 4] = fr1[k];
+    rr[k] = rr0[k], rr[k + 4] = rr1[k];
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {  // the tail continues lanes 0, 1, ...
     const double a = kF ? load<double>(f[i]) : 0.0;
     const double b = kR ? load<double>(r[i]) : 0.0;
     if constexpr (kF) ff[lane] += a * a;
     if constexpr (kF && kR) fr[lane] += a * b;
     if constexpr (kR) rr[lane] += b * b;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      accumulate(lane, i + lane);
-    }
-  }
-  for (int lane = 0; i < n; ++i, ++lane) {
-    accumulate(lane, i);
   }
   auto pairwise = [](const double* x) {
     return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
@@ -307,6 +339,7 @@ struct AdamConsts {
 // torch.optim.AdamW (fused CPU kernel's formulas and operation order; it uses one FMA in
 // the lerp where this uses a multiply and an add, so fp32 results may differ by one ulp).
 template <bool kF, bool kR, typename T, typename op_t>
+__attribute__((target_clones("avx512f", "avx2", "default")))  // sqrt and two divides per element
 void adamw_chunk(T* p, T* m, T* v, const T* f, const T* r, int64_t n, const AdamConsts<op_t>& k,
                  const AdamTensorConsts<op_t>& t) {
   // Constants are copied into locals: the stores below could alias `k` and `t` as far as the
@@ -388,6 +421,7 @@ struct SgdConsts {
 // torch.optim.SGD (fused CPU kernel's formulas and operation order).  Without momentum
 // there is no buffer (kMomentum false, buf unused).
 template <bool kF, bool kR, bool kMomentum, typename T, typename op_t>
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void sgd_chunk(T* p, T* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
   // Locals, not k's fields: see adamw_chunk.
   const op_t cf = k.cf, cr = k.cr, weight_decay = k.weight_decay, momentum = k.momentum;
