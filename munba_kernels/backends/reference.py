@@ -60,59 +60,92 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def combine(bucket: TensorBucket, coefficients: Tensor) -> list[Tensor]:
+def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[str, ...], kernel) -> None:
+    """Form d and run ``kernel(params, directions, *state_lists)`` (one of torch's fused ops).
+
+    torch's fused kernels pair the elements of p, d and the states in *memory order*, so all
+    of them must share one dense layout.  d is allocated in the parameter's layout; a
+    parameter that is not dense (a strided view) or whose states differ in layout is staged
+    through contiguous copies that are written back afterwards.
+    """
+    params = list(bucket.params)
+    states = [list(bucket.state(k)) for k in state_keys]
+    staged = []
+    for i, p in enumerate(params):
+        dense = p.stride() == torch.empty_like(p).stride()  # empty_like keeps a dense layout
+        if not dense or any(s[i].stride() != p.stride() for s in states):
+            staged.append(i)
+            params[i] = p.contiguous()
+            for s in states:
+                s[i] = s[i].contiguous()
+    kernel(params, combine(bucket, coefficients, layouts=params), *states)
+    for i in staged:
+        bucket.params[i].copy_(params[i])
+        for key, s in zip(state_keys, states):
+            bucket.states[i][key].copy_(s[i])
+
+
+def combine(bucket: TensorBucket, coefficients: Tensor, layouts: list[Tensor]) -> list[Tensor]:
     """The bargained direction per tensor, ``d = c_f g_f + c_r g_r``, in the gradient dtype.
 
     Allocates the directions (one gradient's worth, freed after the step) rather than
-    writing into any gradient: callers may still hold references to them.
+    writing into any gradient: callers may still hold references to them.  Each direction
+    is laid out like the corresponding tensor of ``layouts``.
     """
     opm = _opmath(bucket.dtype)
     c = coefficients.to(opm)
     out = []
-    for gf, gr in zip(bucket.forget, bucket.preserve):
+    for i, (gf, gr) in enumerate(zip(bucket.forget, bucket.preserve)):
         terms = [g.to(opm) * ci for g, ci in ((gf, c[0]), (gr, c[1])) if g is not None]
         d = terms[0] if len(terms) == 1 else terms[0].add_(terms[1])
+        if d.stride() != layouts[i].stride():
+            d = torch.empty_like(layouts[i], dtype=bucket.dtype).copy_(d)
         out.append(d.to(bucket.dtype))
     return out
 
 
 def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
-    directions = combine(bucket, coefficients)
     steps = bucket.state("step")
     torch._foreach_add_(steps, 1)
-    torch._fused_adamw_(
-        bucket.params,
-        directions,
-        bucket.state("exp_avg"),
-        bucket.state("exp_avg_sq"),
-        [],
-        steps,
-        lr=hp.lr,
-        beta1=hp.beta1,
-        beta2=hp.beta2,
-        weight_decay=hp.weight_decay,
-        eps=hp.eps,
-        amsgrad=False,
-        maximize=hp.maximize,
-        grad_scale=None,
-        found_inf=skip,
-    )
+
+    def kernel(params, directions, exp_avgs, exp_avg_sqs):
+        torch._fused_adamw_(
+            params,
+            directions,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=hp.lr,
+            beta1=hp.beta1,
+            beta2=hp.beta2,
+            weight_decay=hp.weight_decay,
+            eps=hp.eps,
+            amsgrad=False,
+            maximize=hp.maximize,
+            grad_scale=None,
+            found_inf=skip,
+        )
+
+    _fused_step(bucket, coefficients, ("exp_avg", "exp_avg_sq"), kernel)
     torch._foreach_sub_(steps, [skip] * len(steps))
 
 
 def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
-    directions = combine(bucket, coefficients)
-    torch._fused_sgd_(
-        bucket.params,
-        directions,
-        bucket.state("momentum_buffer") if hp.momentum != 0 else [],
-        weight_decay=hp.weight_decay,
-        momentum=hp.momentum,
-        lr=hp.lr,
-        dampening=hp.dampening,
-        nesterov=hp.nesterov,
-        maximize=hp.maximize,
-        is_first_step=bucket.first_step,
-        grad_scale=None,
-        found_inf=skip,
-    )
+    def kernel(params, directions, *buffers):
+        torch._fused_sgd_(
+            params,
+            directions,
+            buffers[0] if buffers else [],
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+            lr=hp.lr,
+            dampening=hp.dampening,
+            nesterov=hp.nesterov,
+            maximize=hp.maximize,
+            is_first_step=bucket.first_step,
+            grad_scale=None,
+            found_inf=skip,
+        )
+
+    _fused_step(bucket, coefficients, ("momentum_buffer",) if hp.momentum != 0 else (), kernel)
