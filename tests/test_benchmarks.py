@@ -12,7 +12,9 @@ def test_cpu_step_benchmark_quick(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_step.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "| munba-cpp |" in proc.stdout or "| munba-torch |" in proc.stdout

@@ -23,6 +23,7 @@ Semantics every backend must match (the reference backend is the oracle):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,3 +74,37 @@ class SGDHyper:
     nesterov: bool
     weight_decay: float
     maximize: bool
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (any dimension order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def stage_for_linear_walk(bucket: TensorBucket, state_keys: Sequence[str]):
+    """Params and per-key state lists that a kernel walking memory linearly can update.
+
+    Fused kernels pair the elements of a parameter and its states in memory order, so each
+    parameter must be dense and share its states' strides.  The rare one that is not (a
+    strided view, or states laid out differently) is replaced by contiguous copies; the
+    returned ``(original, copy)`` pairs go to :func:`copy_back` after the kernel ran.
+    """
+    params, states, staged = [], [[] for _ in state_keys], []
+    for p, state in zip(bucket.params, bucket.states):
+        copy = not (is_dense(p) and all(state[key].stride() == p.stride() for key in state_keys))
+        for tensors, t in zip([params, *states], [p, *(state[k] for k in state_keys)]):
+            tensors.append(t.contiguous().clone() if copy else t)
+            if copy:
+                staged.append((t, tensors[-1]))
+    return params, states, staged
+
+
+def copy_back(staged) -> None:
+    for original, copy in staged:
+        original.copy_(copy)

@@ -15,8 +15,7 @@ Layouts: the kernels walk each parameter's memory linearly, so a parameter must 
 (contiguous, channels_last, ...) and its states must share its strides.  Gradients in
 another layout are copied into the parameter's layout by the extension; the rare parameter
 that is a gapped view (or whose states are laid out differently) is updated through a
-contiguous copy that is copied back.  (torch's own fused CPU kernels, and hence the
-reference backend, walk storage order and get such layouts wrong.)
+contiguous copy that is copied back (:func:`.base.stage_for_linear_walk`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .base import AdamWHyper, SGDHyper, TensorBucket
+from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
 
 name = "cpp"
 
@@ -74,39 +73,6 @@ def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], dev
     return _lib().gram(list(forget), list(preserve))
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` covers its memory without gaps or overlaps (any dimension order)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
-        if size != 1:
-            if stride != expected:
-                return False
-            expected *= size
-    return True
-
-
-def _in_place(p: Tensor, state: dict, state_keys: Sequence[str]) -> bool:
-    return _dense(p) and all(state[key].stride() == p.stride() for key in state_keys)
-
-
-def _stage(bucket: TensorBucket, state_keys: Sequence[str]):
-    """Params and per-key state lists the kernels can update in place, and the
-    ``(original, contiguous copy)`` pairs to copy back afterwards (odd layouts only)."""
-    params, states, staged = [], [[] for _ in state_keys], []
-    for p, state in zip(bucket.params, bucket.states):
-        copy = not _in_place(p, state, state_keys)
-        for tensors, t in zip([params, *states], [p, *(state[k] for k in state_keys)]):
-            tensors.append(t.contiguous().clone() if copy else t)
-            if copy:
-                staged.append((t, tensors[-1]))
-    return params, states, staged
-
-
-def _copy_back(staged) -> None:
-    for original, copy in staged:
-        original.copy_(copy)
-
-
 def _lr(lr: float | Tensor) -> float:
     # A CPU tensor lr is read as torch's fused kernels read it (its value as a double).
     return float(lr)
@@ -116,7 +82,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
     if bucket.dtype not in _DTYPES:  # e.g. float8: no kernel for it
         reference.adamw(bucket, coefficients, skip, hp)
         return
-    params, (exp_avg, exp_avg_sq), staged = _stage(bucket, ("exp_avg", "exp_avg_sq"))
+    params, (exp_avg, exp_avg_sq), staged = stage_for_linear_walk(bucket, ("exp_avg", "exp_avg_sq"))
     _lib().adamw(
         params,
         bucket.forget,
@@ -133,7 +99,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
         hp.weight_decay,
         hp.maximize,
     )
-    _copy_back(staged)
+    copy_back(staged)
 
 
 def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
@@ -141,7 +107,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         reference.sgd(bucket, coefficients, skip, hp)
         return
     keys = ("momentum_buffer",) if hp.momentum != 0 else ()
-    params, states, staged = _stage(bucket, keys)
+    params, states, staged = stage_for_linear_walk(bucket, keys)
     _lib().sgd(
         params,
         bucket.forget,
@@ -157,4 +123,4 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         hp.maximize,
         bucket.first_step,
     )
-    _copy_back(staged)
+    copy_back(staged)

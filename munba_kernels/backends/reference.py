@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import AdamWHyper, SGDHyper, TensorBucket
+from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
 
 name = "torch"
 
@@ -63,26 +63,13 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[str, ...], kernel) -> None:
     """Form d and run ``kernel(params, directions, *state_lists)`` (one of torch's fused ops).
 
-    torch's fused kernels pair the elements of p, d and the states in *memory order*, so all
-    of them must share one dense layout.  d is allocated in the parameter's layout; a
-    parameter that is not dense (a strided view) or whose states differ in layout is staged
-    through contiguous copies that are written back afterwards.
+    torch's fused kernels pair the elements of p, d and the states in *memory order*: d is
+    allocated in the parameter's layout, and odd layouts are staged (see
+    :func:`.base.stage_for_linear_walk`).
     """
-    params = list(bucket.params)
-    states = [list(bucket.state(k)) for k in state_keys]
-    staged = []
-    for i, p in enumerate(params):
-        dense = p.stride() == torch.empty_like(p).stride()  # empty_like keeps a dense layout
-        if not dense or any(s[i].stride() != p.stride() for s in states):
-            staged.append(i)
-            params[i] = p.contiguous()
-            for s in states:
-                s[i] = s[i].contiguous()
+    params, states, staged = stage_for_linear_walk(bucket, state_keys)
     kernel(params, combine(bucket, coefficients, layouts=params), *states)
-    for i in staged:
-        bucket.params[i].copy_(params[i])
-        for key, s in zip(state_keys, states):
-            bucket.states[i][key].copy_(s[i])
+    copy_back(staged)
 
 
 def combine(bucket: TensorBucket, coefficients: Tensor, layouts: list[Tensor]) -> list[Tensor]:

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_tables
+from .base import is_dense
 
 #: Stage-1 tile: 2048 elements x 2 gradients per iteration with 8 warps keeps enough bytes
 #: in flight per SM to saturate HBM3; the interpreter uses the same tile (capped at CHUNK).
@@ -96,7 +97,7 @@ def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], dev
         if ref is None or ref.numel() == 0:
             continue
         # f[k] and r[k] must be the same element: give both the same dense layout.
-        if not triton_tables.is_dense(ref):
+        if not is_dense(ref):
             ref = ref.contiguous()
         pair = [None if g is None else triton_tables.laid_out_like(g, ref) for g in (gf, gr)]
         rows, numels, keep_alive = groups.setdefault(ref.dtype, ([], [], []))

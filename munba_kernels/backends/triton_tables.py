@@ -64,24 +64,13 @@ def build(rows: list[list[int]], numels: list[int], device: torch.device) -> Tab
     return Tables(flat[:split].view(table.shape), flat[split:].view(-1, 2), len(owner))
 
 
-def is_dense(t: Tensor) -> bool:
-    """True when ``t`` fills a gap-free block of memory (contiguous up to a permutation of
-    its dims, e.g. channels_last), so a kernel may walk ``numel`` elements from ``data_ptr``."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def laid_out_like(g: Tensor, ref: Tensor) -> Tensor:
     """``g`` itself when it shares ``ref``'s memory layout, else a copy with that layout.
 
     Elementwise kernels walk operands in memory order, so every operand of one tensor must
     use the same strides for element ``k`` to mean the same index everywhere.  A copy (one
     extra read and write of ``g``) is the price for an unusual gradient layout.
-    ``ref`` must be dense (:func:`is_dense`).
+    ``ref`` must be dense (:func:`.base.is_dense`).
     """
     if g.stride() == ref.stride():
         return g

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_tables
-from .base import AdamWHyper, SGDHyper, TensorBucket
+from .base import AdamWHyper, SGDHyper, TensorBucket, is_dense
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -247,7 +247,7 @@ def _rows(bucket: TensorBucket, state_keys: tuple[str | None, ...]):
     for p, gf, gr, state in zip(bucket.params, bucket.forget, bucket.preserve, bucket.states):
         if p.numel() == 0:
             continue
-        if not triton_tables.is_dense(p):
+        if not is_dense(p):
             raise ValueError(
                 f"the triton backend needs dense parameters (contiguous up to a permutation "
                 f"of dims); got shape {tuple(p.shape)} with strides {p.stride()}"

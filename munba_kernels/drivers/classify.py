@@ -39,8 +39,14 @@ from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
 # One grid for every SGD-based method (GA, which diverges at those rates, sits one step
 # lower); the same grid and the same selection rule (module docstring) for every method.
 _SGD_GRID = (0.003, 0.01, 0.03)
-LR_GRID = {"FT": _SGD_GRID, "GA": (3e-4, 1e-3, 3e-3), "RL": _SGD_GRID, "NegGrad+": _SGD_GRID,
-           "Naive": _SGD_GRID, "MUNBa": _SGD_GRID}
+LR_GRID = {
+    "FT": _SGD_GRID,
+    "GA": (3e-4, 1e-3, 3e-3),
+    "RL": _SGD_GRID,
+    "NegGrad+": _SGD_GRID,
+    "Naive": _SGD_GRID,
+    "MUNBa": _SGD_GRID,
+}
 REPORT_COLUMNS = ("UA", "RA", "TA", "MIA", "avg_gap", "probe_forget", "cka_to_retrain", "seconds", "lr")
 
 
