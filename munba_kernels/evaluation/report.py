@@ -58,7 +58,8 @@ def plot_metric_bars(
         ax.bar([x + i * width for x in range(len(names))], values, width, label=metric)
     ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(names))], names, rotation=20)
     ax.set_ylabel("%")
-    ax.legend(ncols=len(metrics), fontsize="small")
+    ax.set_ylim(0, 125)  # headroom so the legend never covers a bar
+    ax.legend(ncols=len(metrics), fontsize="small", loc="upper center")
     ax.set_title(title)
     if has_time:
         tax = axes[0][1]
