@@ -94,6 +94,7 @@ def test_class_scenario_split_drops_the_class_from_test():
     assert set(split.forget.y.tolist()) == {3, 5}
     assert not ({3, 5} & set(split.retain.y.tolist()))
     assert not {3, 5} & (set(split.test.y.tolist()) | set(split.val.y.tolist()))
+    assert {3, 5} <= set(split.probe.y.tolist())  # the probe can still recognise the forgotten classes
 
 
 def test_models_shapes_and_heads():

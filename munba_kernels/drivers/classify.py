@@ -161,12 +161,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 @dataclass
 class Split:
-    """One seed's data: forget/retain from the training subset, val/test halves of the test set."""
+    """One seed's data: forget/retain from the training subset, val/test halves of the test set.
+
+    ``probe`` is the labelled bank of the representation probe: the first half of the test
+    subset with *every* class, so that a forgotten class can still be recognised in the features.
+    """
 
     forget: Subset
     retain: Subset
     val: Subset
     test: Subset
+    probe: Subset
     num_classes: int
     forget_spec: dict
 
@@ -184,6 +189,7 @@ def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int) -> Split:
         y, cfg.scenario, forget_classes=cfg.forget_classes, forget_ratio=cfg.forget_ratio, seed=seed
     )
     xt, yt = ds.x_test[test_idx], ds.y_test[test_idx]
+    probe = (xt[: len(yt) // 2], yt[: len(yt) // 2])
     if cfg.scenario == "class":  # TA is measured on the classes that remain
         keep = ~torch.isin(yt, torch.tensor(cfg.forget_classes))
         xt, yt = xt[keep], yt[keep]
@@ -204,6 +210,7 @@ def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int) -> Split:
         sub(x[~mask], y[~mask]),
         sub(xt[:half], yt[:half]),
         sub(xt[half:], yt[half:]),
+        sub(*probe),
         ds.num_classes,
         spec,
     )
@@ -260,12 +267,12 @@ def evaluate(model, split: Split, held_out: Subset) -> dict[str, float]:
 
 
 def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, float], torch.Tensor]:
-    """k-NN probe accuracy on forget features (bank: labelled val features) and CKA to Retrain."""
+    """k-NN probe accuracy on forget features (bank: ``split.probe``) and CKA to Retrain."""
     head = classifier_head(model)
-    val_f = penultimate_features(model, head, split.val.x)
+    bank = penultimate_features(model, head, split.probe.x)
     test_f = penultimate_features(model, head, split.test.x)
     probe = knn_probe_accuracy(
-        val_f, split.val.y.cpu(), penultimate_features(model, head, split.forget.x), split.forget.y.cpu()
+        bank, split.probe.y.cpu(), penultimate_features(model, head, split.forget.x), split.forget.y.cpu()
     )
     out = {"probe_forget": probe}
     if retrain_feats is not None:
