@@ -47,6 +47,8 @@ LR_GRID = {
     "Naive": _SGD_GRID,
     "MUNBa": _SGD_GRID,
 }
+#: Part of every cache key: bump it when training code changes so stale models are not reused.
+CACHE_VERSION = 1
 REPORT_COLUMNS = ("UA", "RA", "TA", "MIA", "avg_gap", "probe_forget", "cka_to_retrain", "seconds", "lr")
 
 
@@ -219,6 +221,7 @@ def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int) -> Split:
 def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: int, in_channels: int):
     """Train (or load from the cache) the original or Retrain model; returns (model, seconds)."""
     key = {
+        "version": CACHE_VERSION,
         "kind": kind,
         "dataset": cfg.dataset,
         "model": cfg.model,
