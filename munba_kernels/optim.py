@@ -242,18 +242,21 @@ class MUNBaOptimizer(Optimizer):
         if device is None:
             return losses
 
-        entries = []  # (group, param, g_f, g_r) for parameters with any gradient
+        per_group = []  # (group, [(param, g_f, g_r), ...]) for parameters with any gradient
         for group in self.param_groups:
+            present = []
             for p in group["params"]:
                 gf, gr = forget.get(p), p.grad
                 if gr is not None:
                     _check_grad(p, gr, "preserve")
-                if gf is None and gr is None:
-                    continue
-                entries.append((group, p, gf, gr))
+                if gf is not None or gr is not None:
+                    present.append((p, gf, gr))
+            if present:
+                per_group.append((group, present))
 
         backend = backends.resolve(self.backend, device)
-        gram = backend.gram([e[2] for e in entries], [e[3] for e in entries], device)
+        pairs = [(gf, gr) for _, present in per_group for _, gf, gr in present]
+        gram = backend.gram([gf for gf, _ in pairs], [gr for _, gr in pairs], device)
         gram = self._reduce_gram(gram)
         bargain = solve_bargain(
             gram,
@@ -270,28 +273,23 @@ class MUNBaOptimizer(Optimizer):
         coefficients = bargain.coefficients
         skip = bargain.skipped.to(torch.float32)
 
-        by_group: dict[int, list] = {}
-        for entry in entries:
-            by_group.setdefault(id(entry[0]), []).append(entry)
-        for group_entries in by_group.values():
-            group = group_entries[0][0]
-            for bucket in self._buckets(group, group_entries):
-                if group["base"] == "adamw":
-                    b1, b2 = group["betas"]
-                    hp = AdamWHyper(
-                        group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"]
-                    )
-                    backend.adamw(bucket, coefficients, skip, hp)
-                else:
-                    hp = SGDHyper(
-                        group["lr"],
-                        group["momentum"],
-                        group["dampening"],
-                        group["nesterov"],
-                        group["weight_decay"],
-                        group["maximize"],
-                    )
-                    backend.sgd(bucket, coefficients, skip, hp)
+        for group, present in per_group:
+            if group["base"] == "adamw":
+                b1, b2 = group["betas"]
+                update = backend.adamw
+                hp = AdamWHyper(group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"])
+            else:
+                update = backend.sgd
+                hp = SGDHyper(
+                    group["lr"],
+                    group["momentum"],
+                    group["dampening"],
+                    group["nesterov"],
+                    group["weight_decay"],
+                    group["maximize"],
+                )
+            for bucket in self._buckets(group, present):
+                update(bucket, coefficients, skip, hp)
         return losses
 
     def _backward_from_closure(self, closure) -> tuple[Tensor, Tensor]:
@@ -317,10 +315,10 @@ class MUNBaOptimizer(Optimizer):
         """Hook for sharded training: sum the Gram partials across ranks (identity here)."""
         return gram
 
-    def _buckets(self, group: dict[str, Any], entries: list) -> list[TensorBucket]:
+    def _buckets(self, group: dict[str, Any], present: list) -> list[TensorBucket]:
         """Initialise state lazily and split a group's tensors into fused-launch buckets."""
         buckets: dict[tuple, TensorBucket] = {}
-        for _, p, gf, gr in entries:
+        for p, gf, gr in present:
             state = self.state[p]
             first = not state
             if first:
