@@ -260,13 +260,15 @@ def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: in
     return model, seconds
 
 
-def evaluate(model, split: Split, held_out: Subset) -> dict[str, float]:
-    """UA, RA, TA, MIA with ``held_out`` as the test set (val half for selection, test half for reports)."""
-    return unlearning_metrics(
-        (predict(model, split.forget.x), split.forget.y.cpu()),
-        (predict(model, split.retain.x), split.retain.y.cpu()),
-        (predict(model, held_out.x), held_out.y.cpu()),
-    )
+def predict_splits(model, split: Split) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of every evaluation set, each forwarded once per model."""
+    sets = {"forget": split.forget, "retain": split.retain, "val": split.val, "test": split.test}
+    return {name: (predict(model, s.x), s.y.cpu()) for name, s in sets.items()}
+
+
+def evaluate(preds: dict, held_out: str) -> dict[str, float]:
+    """UA, RA, TA, MIA with ``held_out`` ("val" for selection, "test" for reports) as the test set."""
+    return unlearning_metrics(preds["forget"], preds["retain"], preds[held_out])
 
 
 def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, float], torch.Tensor]:
@@ -292,8 +294,8 @@ def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple
     original, orig_s = cached_training(cfg, "original", train_all, split, seed, in_channels)
     retrain, retrain_s = cached_training(cfg, "retrain", split.retain, split, seed, in_channels)
 
-    retrain_val = evaluate(retrain, split, split.val)
-    retrain_test = evaluate(retrain, split, split.test)
+    retrain_preds = predict_splits(retrain, split)
+    retrain_val, retrain_test = evaluate(retrain_preds, "val"), evaluate(retrain_preds, "test")
     retrain_repr, retrain_feats = representation(retrain, split)
     rows = {
         "Retrain": {
@@ -304,7 +306,7 @@ def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple
             "seconds": retrain_s,
         }
     }
-    orig_test = evaluate(original, split, split.test)
+    orig_test = evaluate(predict_splits(original, split), "test")
     rows["Original"] = {
         **orig_test,
         **representation(original, split, retrain_feats)[0],
@@ -328,12 +330,13 @@ def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple
                 seed=seed,
                 progress=cfg.progress,
             )
-            gap_val = avg_gap(evaluate(run.model, split, split.val), retrain_val)
+            preds = predict_splits(run.model, split)
+            gap_val = avg_gap(evaluate(preds, "val"), retrain_val)
             log(f"  seed {seed} {method:8s} lr {lr:<7g} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
             if best is None or gap_val < best[0]:
-                best = (gap_val, lr, run)
-        _, lr, run = best
-        metrics = evaluate(run.model, split, split.test)
+                best = (gap_val, lr, run, preds)
+        _, lr, run, preds = best
+        metrics = evaluate(preds, "test")
         rows[method] = {
             **metrics,
             **representation(run.model, split, retrain_feats)[0],
