@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from munba_kernels import MUNBaOptimizer
+from munba_kernels.evaluation import accuracy, true_class_confidence
+
+from .unlearning import random_labels
 
 
 @dataclass
@@ -61,11 +64,6 @@ def make_model(dim: int, num_classes: int, seed: int = 0) -> nn.Module:
     )
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (model(x).argmax(dim=1) == y).float().mean().item()
-
-
 def train_original(problem: ToyProblem, epochs: int = 30, seed: int = 0) -> nn.Module:
     model = make_model(problem.x_train.shape[1], problem.num_classes, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -76,11 +74,6 @@ def train_original(problem: ToyProblem, epochs: int = 30, seed: int = 0) -> nn.M
             F.cross_entropy(model(problem.x_train[idx]), problem.y_train[idx]).backward()
             opt.step()
     return model
-
-
-def random_labels(y: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
-    """Uniform random labels, as the published recipe's forget loss uses."""
-    return torch.randint(0, num_classes, y.shape, generator=gen)
 
 
 def unlearn(
@@ -125,16 +118,17 @@ def unlearn(
     return model
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, problem: ToyProblem) -> dict[str, float]:
     (xf, yf), (xr, yr) = problem.split(problem.x_train, problem.y_train)
     _, (xt, yt) = problem.split(problem.x_test, problem.y_test)
-    with torch.no_grad():
-        confidence = model(xf).softmax(dim=1).gather(1, yf[:, None]).mean().item()
+    forget_logits = model(xf)
     return {
-        "forget_acc": accuracy(model, xf, yf),
-        "forget_confidence": 100.0 * confidence,  # mean true-class probability, chance = 100/C
-        "retain_acc": accuracy(model, xr, yr),
-        "test_acc": accuracy(model, xt, yt),
+        "forget_acc": accuracy(forget_logits, yf),
+        # mean true-class probability, chance = 100/C
+        "forget_confidence": 100.0 * true_class_confidence(forget_logits, yf).mean().item(),
+        "retain_acc": accuracy(model(xr), yr),
+        "test_acc": accuracy(model(xt), yt),
     }
 
 

@@ -94,7 +94,8 @@ def train_classifier(
     return model.eval()
 
 
-def _random_labels(y: Tensor, num_classes: int, gen: torch.Generator) -> Tensor:
+def random_labels(y: Tensor, num_classes: int, gen: torch.Generator) -> Tensor:
+    """Labels drawn uniformly over all classes: the published recipe's forget targets."""
     return torch.randint(0, num_classes, y.shape, generator=gen).to(y.device)
 
 
@@ -140,13 +141,13 @@ def unlearn(
     ):
         if method == "RL":
             is_forget = r_idx < len(forget)
-            labels = torch.where(is_forget, _random_labels(union.y[r_idx], num_classes, gen), union.y[r_idx])
+            labels = torch.where(is_forget, random_labels(union.y[r_idx], num_classes, gen), union.y[r_idx])
             step_fn(model, opt, None, Subset(union.x[r_idx], labels))
         else:
             fb = None if f_idx is None else Subset(forget.x[f_idx], forget.y[f_idx])
             rb = None if r_idx is None else Subset(retain.x[r_idx], retain.y[r_idx])
             if fb is not None and method in ("Naive", "MUNBa"):
-                fb = Subset(fb.x, _random_labels(fb.y, num_classes, gen))
+                fb = Subset(fb.x, random_labels(fb.y, num_classes, gen))
             step_fn(model, opt, fb, rb)
         if method == "MUNBa":
             b = opt.last_bargain
