@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .backends.base import AdamWHyper, SGDHyper, TensorBucket
 from .bargaining import DEFAULT_OPPOSITION_TOL, Bargain, solve_bargain, validate_power
 
@@ -67,6 +67,18 @@ class MUNBaOptimizer(Optimizer):
             ``FloatingPointError`` instead (this reads one flag on the host per step).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else plain torch),
             or ``"torch"``, ``"cpp"``, ``"triton"`` to force one.
+        state_dtype: ``None`` (default) keeps ``exp_avg``/``exp_avg_sq``/``momentum_buffer``
+            in the parameter dtype, as torch does; ``torch.float32`` keeps them in fp32 for
+            bf16/fp16 parameters (fp32/fp64 parameters keep their own dtype), so small
+            updates are not rounded away in bf16 moments.  Costs 2 B more per state element.
+        capturable: as torch's: ``lr`` may be a 0-dim tensor on the parameters' device and
+            ``step()`` never reads a device value on the host, so it can be captured in a
+            CUDA graph.  ``step()`` already avoids host syncs unless ``nonfinite="raise"``,
+            which is therefore rejected with ``capturable=True``.
+        gram_process_group: the process group over which to sum the Gram partials of
+            plain-tensor parameters that are shards of a larger whole (FSDP1:
+            ``fsdp_model.process_group``).  Not needed for FSDP2 (DTensor parameters name
+            their mesh), DDP or single-process training; see :mod:`munba_kernels.distributed`.
 
     Attributes:
         last_bargain: :class:`~munba_kernels.bargaining.Bargain` of the latest step
@@ -92,6 +104,9 @@ class MUNBaOptimizer(Optimizer):
         opposition_tol: float = DEFAULT_OPPOSITION_TOL,
         nonfinite: str = "skip",
         backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
+        gram_process_group: Any = None,
     ) -> None:
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
@@ -101,6 +116,18 @@ class MUNBaOptimizer(Optimizer):
             raise ValueError(f"opposition_tol must be a number in [0, 2), got {opposition_tol!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"state_dtype must be None or torch.float32, got {state_dtype!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        if capturable and nonfinite == "raise":
+            raise ValueError(
+                "capturable=True cannot be combined with nonfinite='raise': raising reads the "
+                "skip flag on the host every step; use nonfinite='skip' and read last_bargain.status"
+            )
+        self.state_dtype = state_dtype
+        self.gram_process_group = gram_process_group
+        self.capturable = capturable
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.bargaining_power = validate_power(bargaining_power)
         self.opposition_tol = float(opposition_tol)
@@ -187,6 +214,7 @@ class MUNBaOptimizer(Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"params[{i}] has non-floating dtype {p.dtype}")
+        distributed.check_fsdp1(group["params"], self.gram_process_group)
         self._check_single_device()
 
     def _check_single_device(self) -> torch.device | None:
@@ -231,6 +259,8 @@ class MUNBaOptimizer(Optimizer):
         losses = None
         if closure is not None:
             losses = self._backward_from_closure(closure)
+        if self._forget is None and self._initialising_state():
+            self._forget = {}  # torch.distributed.checkpoint's zero-lr step on zero gradients
         if self._forget is None:
             raise RuntimeError(
                 "step() needs the forget gradient first: run loss_f.backward(); "
@@ -253,11 +283,14 @@ class MUNBaOptimizer(Optimizer):
                     present.append((p, gf, gr))
             if present:
                 per_group.append((group, present))
+        _check_not_aliased(forget.values(), [gr for _, present in per_group for _, _, gr in present])
 
         backend = backends.resolve(self.backend, device)
-        pairs = [(gf, gr) for _, present in per_group for _, gf, gr in present]
-        gram = backend.gram([gf for gf, _ in pairs], [gr for _, gr in pairs], device)
-        gram = self._reduce_gram(gram)
+        gram = distributed.global_gram(
+            lambda forget, preserve: backend.gram(forget, preserve, device),
+            [triple for _, present in per_group for triple in present],
+            self.gram_process_group,
+        )
         bargain = solve_bargain(
             gram,
             self.bargaining_power,
@@ -311,9 +344,12 @@ class MUNBaOptimizer(Optimizer):
             preserve_loss.backward()
         return forget_loss.detach(), preserve_loss.detach()
 
-    def _reduce_gram(self, gram: Tensor) -> Tensor:
-        """Hook for sharded training: sum the Gram partials across ranks (identity here)."""
-        return gram
+    def _initialising_state(self) -> bool:
+        """Whether this is the zero-lr step ``torch.distributed.checkpoint`` takes on a fresh
+        optimizer to create its states (before loading them): then the forget gradient is
+        taken as zero, which makes the step change nothing but the step counters, as torch's
+        optimizers do.  Any other step without ``capture_forget()`` is an error."""
+        return not self.state and all(float(group["lr"]) == 0 for group in self.param_groups)
 
     def _buckets(self, group: dict[str, Any], present: list) -> list[TensorBucket]:
         """Initialise state lazily and split a group's tensors into fused-launch buckets."""
@@ -322,29 +358,63 @@ class MUNBaOptimizer(Optimizer):
             state = self.state[p]
             first = not state
             if first:
+                like = dict(memory_format=torch.preserve_format, dtype=self._state_dtype_for(p))
                 if group["base"] == "adamw":
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, **like)
+                    state["exp_avg_sq"] = torch.zeros_like(p, **like)
                 elif group["momentum"] != 0:
                     # Zero buffer + is_first_step: the fused kernel sets it to d, as torch does.
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            key = (p.device, p.dtype, first and group["base"] == "sgd")
-            bucket = buckets.setdefault(key, TensorBucket(first_step=key[2]))
-            bucket.params.append(p)
-            bucket.forget.append(gf)
-            bucket.preserve.append(gr)
-            bucket.states.append(state)
+                    state["momentum_buffer"] = torch.zeros_like(p, **like)
+            moment = state.get("exp_avg", state.get("momentum_buffer"))
+            key = (p.device, p.dtype, None if moment is None else moment.dtype, first and group["base"] == "sgd")
+            bucket = buckets.setdefault(key, TensorBucket(first_step=key[3]))
+            bucket.params.append(distributed.local_tensor(p))  # kernels update FSDP2 shards in place
+            bucket.forget.append(distributed.local_tensor(gf))
+            bucket.preserve.append(distributed.local_tensor(gr))
+            bucket.states.append(distributed.local_state(state))
         return list(buckets.values())
+
+    def _state_dtype_for(self, p: Tensor) -> torch.dtype:
+        low_precision = p.dtype in (torch.bfloat16, torch.float16)
+        return self.state_dtype if self.state_dtype is not None and low_precision else p.dtype
 
     # --------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but floating states take this optimizer's state dtype (torch's would
+        cast them to the parameter dtype, rounding fp32 moments of bf16 parameters)."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
+        saved_state = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
                 st = self.state.get(p)
-                if st and "step" in st:  # fused kernels keep the step count on the device
-                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+                for key, value in saved_state.get(index, {}).items():
+                    if key == "step":  # fused kernels keep the step count on the device
+                        st[key] = value.to(device=p.device, dtype=torch.float32)
+                    elif isinstance(value, Tensor) and value.is_floating_point():
+                        st[key] = value.to(device=p.device, dtype=self._state_dtype_for(p))
+
+
+def _check_not_aliased(forget: Iterable[Tensor], preserve: Iterable[Tensor | None]) -> None:
+    """Refuse preserve gradients written into the forget gradients' memory.
+
+    The forget gradient is moved aside, not copied, so a framework that backs ``.grad`` with
+    persistent buffers (DDP with ``gradient_as_bucket_view=True``, contiguous gradient
+    buffers) overwrites it during the preserve backward.  Storage identity is host metadata:
+    checking it costs no synchronisation.
+    """
+
+    def storages(grads):
+        ptrs = (distributed.local_tensor(g).untyped_storage().data_ptr() for g in grads if g is not None)
+        return {ptr for ptr in ptrs if ptr}  # 0: meta or empty tensors, which hold no data
+
+    if storages(forget) & storages(preserve):
+        raise RuntimeError(
+            "the preserve gradients were written into the memory of the captured forget "
+            "gradients, which are therefore lost; no parameter was updated. This happens when "
+            ".grad is backed by persistent buffers, e.g. DistributedDataParallel(..., "
+            "gradient_as_bucket_view=True): use gradient_as_bucket_view=False (the default)"
+        )
 
 
 def _check_grad(p: Tensor, g: Tensor, which: str) -> None:
