@@ -7,6 +7,8 @@
 // The direction d lives only in registers, so the update reads g_f, g_r, p and the states
 // once and writes p and the states once, rounding once on store.  Math is in
 // at::opmath_type<T> (fp32 for fp32/bf16/fp16, fp64 for fp64), as in torch's fused kernels.
+// Optimizer states are stored in the parameter dtype T or, for bf16/fp16 parameters, in fp32
+// (state type S): keeping them in fp32 stops small updates from rounding away in bf16 states.
 //
 // Work is split into fixed-size chunks of kChunk elements (never straddling two tensors) so
 // that every tensor size, from 1 element to hundreds of millions, load-balances over ATen's
@@ -229,6 +231,7 @@ struct Bucket {
   std::vector<Tensor> params, forget, preserve;  // forget/preserve: undefined = missing
   std::vector<int64_t> numels;
   at::ScalarType dtype = at::kFloat;
+  at::ScalarType state_dtype = at::kFloat;  // dtype of every state tensor (no states: dtype)
 };
 
 Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
@@ -242,6 +245,11 @@ Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, 
   for (const auto* s : states) {
     TORCH_CHECK(s->size() == count, "munba_cpu: ", count, " params but ", s->size(), " state tensors");
   }
+  b.state_dtype = count && !states.empty() ? (*states[0])[0].scalar_type() : b.dtype;
+  const bool low_precision = b.dtype == at::kBFloat16 || b.dtype == at::kHalf;
+  TORCH_CHECK(b.state_dtype == b.dtype || (low_precision && b.state_dtype == at::kFloat),
+              "munba_cpu: states of dtype ", b.state_dtype, " for ", b.dtype,
+              " parameters (expected the parameter dtype, or float32 for bfloat16/float16)");
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == b.dtype, "munba_cpu: params[", i,
@@ -251,8 +259,9 @@ Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, 
                 "] is not dense (a strided view); use backend='torch'");
     for (const auto* s : states) {
       const Tensor& st = (*s)[i];
-      TORCH_CHECK(st.scalar_type() == b.dtype && st.sizes() == p.sizes() && same_dense_layout(p, st),
-                  "munba_cpu: the state of params[", i, "] does not match the parameter's dtype/layout");
+      TORCH_CHECK(st.scalar_type() == b.state_dtype && st.sizes() == p.sizes() && same_dense_layout(p, st),
+                  "munba_cpu: the state of params[", i, "] does not match the bucket's state dtype ",
+                  b.state_dtype, " or the parameter's shape/layout");
     }
     const bool has_f = forget[i].has_value() && forget[i]->defined();
     const bool has_r = preserve[i].has_value() && preserve[i]->defined();
@@ -324,6 +333,19 @@ void with_presence(bool has_f, bool has_r, const Body& body) {
   }
 }
 
+// Calls body(state_t{}) with the bucket's state type: the parameter type T, or float for
+// bf16/fp16 parameters with fp32 states (the only mixed pair make_bucket accepts).
+template <typename T, typename Body>
+void with_state_type(at::ScalarType state_dtype, const Body& body) {
+  if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+    if (state_dtype == at::kFloat) {
+      body(float{});
+      return;
+    }
+  }
+  body(T{});
+}
+
 // Per-tensor AdamW constants (bias corrections depend on the tensor's own step count).
 template <typename op_t>
 struct AdamTensorConsts {
@@ -338,9 +360,9 @@ struct AdamConsts {
 
 // torch.optim.AdamW (fused CPU kernel's formulas and operation order; it uses one FMA in
 // the lerp where this uses a multiply and an add, so fp32 results may differ by one ulp).
-template <bool kF, bool kR, typename T, typename op_t>
+template <bool kF, bool kR, typename T, typename S, typename op_t>
 __attribute__((target_clones("avx512f", "avx2", "default")))  // sqrt and two divides per element
-void adamw_chunk(T* p, T* m, T* v, const T* f, const T* r, int64_t n, const AdamConsts<op_t>& k,
+void adamw_chunk(T* p, S* m, S* v, const T* f, const T* r, int64_t n, const AdamConsts<op_t>& k,
                  const AdamTensorConsts<op_t>& t) {
   // Constants are copied into locals: the stores below could alias `k` and `t` as far as the
   // compiler knows, which would force a reload each iteration and block vectorisation.
@@ -356,8 +378,8 @@ void adamw_chunk(T* p, T* m, T* v, const T* f, const T* r, int64_t n, const Adam
     const op_t m_old = load<op_t>(m[i]);
     const op_t m_new = (from_grad ? d : m_old) + coeff * (d - m_old);
     const op_t v_new = load<op_t>(v[i]) * beta2 + one_minus_beta2 * d * d;
-    m[i] = static_cast<T>(m_new);
-    v[i] = static_cast<T>(v_new);
+    m[i] = static_cast<S>(m_new);
+    v[i] = static_cast<S>(v_new);
     // As torch: the update uses the unrounded moments.
     const op_t denom = std::sqrt(v_new) / bc2_sqrt + eps;
     p[i] = static_cast<T>(param - step_size * m_new / denom);
@@ -395,18 +417,22 @@ void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const Op
           {op_t(1 - lr * weight_decay), op_t(lr / bias_correction1), op_t(std::sqrt(bias_correction2))});
     }
     const std::vector<Chunk> chunks = split_into_chunks(b.numels);
-    parallel_chunks(chunks, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      const Tensor& f = b.forget[ch.tensor];
-      const Tensor& r = b.preserve[ch.tensor];
-      const int64_t off = ch.begin;
-      scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
-      scalar_t* m = exp_avgs[ch.tensor].data_ptr<scalar_t>() + off;
-      scalar_t* v = exp_avg_sqs[ch.tensor].data_ptr<scalar_t>() + off;
-      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
-      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
-      with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
-        adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p, m, v, fp, rp, ch.end - off, k, per_tensor[ch.tensor]);
+    with_state_type<scalar_t>(b.state_dtype, [&](auto state_tag) {
+      using state_t = decltype(state_tag);
+      parallel_chunks(chunks, [&](int64_t c) {
+        const Chunk& ch = chunks[c];
+        const Tensor& f = b.forget[ch.tensor];
+        const Tensor& r = b.preserve[ch.tensor];
+        const int64_t off = ch.begin;
+        scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
+        state_t* m = exp_avgs[ch.tensor].data_ptr<state_t>() + off;
+        state_t* v = exp_avg_sqs[ch.tensor].data_ptr<state_t>() + off;
+        const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
+        const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
+        with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
+          adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p, m, v, fp, rp, ch.end - off, k,
+                                                                per_tensor[ch.tensor]);
+        });
       });
     });
   });
@@ -420,9 +446,9 @@ struct SgdConsts {
 
 // torch.optim.SGD (fused CPU kernel's formulas and operation order).  Without momentum
 // there is no buffer (kMomentum false, buf unused).
-template <bool kF, bool kR, bool kMomentum, typename T, typename op_t>
+template <bool kF, bool kR, bool kMomentum, typename T, typename S, typename op_t>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sgd_chunk(T* p, T* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
+void sgd_chunk(T* p, S* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
   // Locals, not k's fields: see adamw_chunk.
   const op_t cf = k.cf, cr = k.cr, weight_decay = k.weight_decay, momentum = k.momentum;
   const op_t one_minus_dampening = k.one_minus_dampening, lr = k.lr;
@@ -435,7 +461,7 @@ void sgd_chunk(T* p, T* buf, const T* f, const T* r, int64_t n, const SgdConsts<
     if constexpr (kMomentum) {
       // The optimizer allocates the buffer zeroed, so reading it on the first step is safe.
       const op_t b_new = first_step ? d : load<op_t>(buf[i]) * momentum + d * one_minus_dampening;
-      buf[i] = static_cast<T>(b_new);
+      buf[i] = static_cast<S>(b_new);
       d = nesterov ? d + b_new * momentum : b_new;
     }
     p[i] = static_cast<T>(param - d * lr);
@@ -462,21 +488,24 @@ void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptT
                             op_t(momentum),    op_t(1 - dampening), op_t(lr),
                             weight_decay != 0, first_step,          nesterov};
     const std::vector<Chunk> chunks = split_into_chunks(b.numels);
-    parallel_chunks(chunks, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      const Tensor& f = b.forget[ch.tensor];
-      const Tensor& r = b.preserve[ch.tensor];
-      const int64_t off = ch.begin;
-      scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
-      scalar_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<scalar_t>() + off : nullptr;
-      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
-      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
-      with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
-        if (has_momentum) {
-          sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p, buf, fp, rp, ch.end - off, k);
-        } else {
-          sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p, buf, fp, rp, ch.end - off, k);
-        }
+    with_state_type<scalar_t>(b.state_dtype, [&](auto state_tag) {
+      using state_t = decltype(state_tag);
+      parallel_chunks(chunks, [&](int64_t c) {
+        const Chunk& ch = chunks[c];
+        const Tensor& f = b.forget[ch.tensor];
+        const Tensor& r = b.preserve[ch.tensor];
+        const int64_t off = ch.begin;
+        scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
+        state_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<state_t>() + off : nullptr;
+        const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
+        const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
+        with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
+          if (has_momentum) {
+            sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p, buf, fp, rp, ch.end - off, k);
+          } else {
+            sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p, buf, fp, rp, ch.end - off, k);
+          }
+        });
       });
     });
   });

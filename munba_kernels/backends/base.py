@@ -14,10 +14,12 @@ Semantics every backend must match (the reference backend is the oracle):
 * ``gram``: float64 accumulation; ``None`` entries count as zero; deterministic.
 * ``adamw``: exactly torch.optim.AdamW (decoupled decay, bias correction with the
   per-parameter ``state["step"]``, a float32 0-dim tensor on the parameter's device,
-  incremented by 1 unless skipped), states ``exp_avg``/``exp_avg_sq`` in the param dtype,
-  math in fp32 (fp64 for fp64 params), one rounding on store.
+  incremented by 1 unless skipped), states ``exp_avg``/``exp_avg_sq`` in the param dtype
+  or, for bf16/fp16 params, in fp32 (``TensorBucket.state_dtype``), math in fp32 (fp64 for
+  fp64 params), one rounding on store.
 * ``sgd``: exactly torch.optim.SGD (L2 decay added to d, momentum buffer
-  ``state["momentum_buffer"]`` set to d when ``bucket.first_step``, dampening, nesterov).
+  ``state["momentum_buffer"]`` set to d when ``bucket.first_step``, dampening, nesterov),
+  the buffer in the bucket's state dtype.
 * ``maximize`` negates d.  When ``skip`` is 1.0 nothing is written at all.
 """
 
@@ -32,7 +34,7 @@ from torch import Tensor
 
 @dataclass
 class TensorBucket:
-    """Tensors of one param group sharing device, dtype and first-step-ness: one launch.
+    """Tensors of one param group sharing device, dtype, state dtype and first-step-ness: one launch.
 
     ``forget[i]`` / ``preserve[i]`` may be ``None`` (a missing gradient counts as zero)
     but never both.  ``states[i]`` is the optimizer state dict of ``params[i]``.
@@ -47,6 +49,15 @@ class TensorBucket:
     @property
     def dtype(self) -> torch.dtype:
         return self.params[0].dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Dtype of the floating state tensors (all alike in a bucket); the param dtype if none."""
+        for state in self.states[:1]:
+            for key, value in state.items():
+                if key != "step":
+                    return value.dtype
+        return self.dtype
 
     @property
     def device(self) -> torch.device:

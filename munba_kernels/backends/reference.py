@@ -9,6 +9,11 @@ Pass 2 forms ``d = c_f·g_f + c_r·g_r`` in fp32 (fp64 for fp64 gradients), roun
 to the gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
 "the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
 step on the device, leaving every parameter and state untouched.
+
+fp32 states for bf16/fp16 params: torch's fused kernels need one dtype for a parameter and
+its states, so the rule runs on fp32 copies of the parameters (exact widenings) with d
+widened likewise, and each parameter is rounded back once: math in fp32, states stored in
+fp32, the parameter rounded once, which is what the fused backends do in registers.
 """
 
 from __future__ import annotations
@@ -68,7 +73,13 @@ def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[st
     :func:`.base.stage_for_linear_walk`).
     """
     params, states, staged = stage_for_linear_walk(bucket, state_keys)
-    kernel(params, combine(bucket, coefficients, layouts=params), *states)
+    directions = combine(bucket, coefficients, layouts=params)
+    if bucket.state_dtype != bucket.dtype:
+        wide = [p.to(bucket.state_dtype) for p in params]
+        kernel(wide, [d.to(bucket.state_dtype) for d in directions], *states)
+        torch._foreach_copy_(params, wide)
+    else:
+        kernel(params, directions, *states)
     copy_back(staged)
 
 
