@@ -1,0 +1,287 @@
+"""A small class-conditional DDPM (diffusers) and the diffusion unlearning losses and methods.
+
+The model is diffusers' ``UNet2DModel`` with a class embedding table of ``num_classes + 1``
+rows: the extra row is the *null* class.  Pre-training replaces a label by the null class
+with probability ``class_dropout`` so that one network gives both ε(x_t, c) and the
+unconditional ε(x_t, ∅); that enables classifier-free guidance when sampling and ESD's
+negative guidance target.  Images live in [-1, 1] inside the diffusion code and in [0, 1]
+outside it (the judge classifier and the data loaders use [0, 1]).
+
+Unlearning methods (all fine-tune a copy of the original with AdamW, the optimizer DDPMs are
+trained with, same learning rate, steps and batches; weight decay 0, because decay shrinks
+weights that neither objective asked to move):
+
+    MUNBa  forget and preserve losses, Nash-bargained    MUNBaOptimizer(base="adamw")
+    Naive  the same two losses summed, one backward      torch.optim.AdamW
+    ESD    negative guidance from a frozen copy only     torch.optim.AdamW
+
+forget loss   MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()), shared noise and timestep,
+              x_0 from the forget class (SalUn's and MUNBa's diffusion forget loss)
+preserve loss the denoising loss on retain classes, with the same class dropout as pre-training
+ESD loss      MSE(ε(x_t, c_forget), ε*(x_t, ∅) − η (ε*(x_t, c_forget) − ε*(x_t, ∅))), ε* frozen
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from munba_kernels import MUNBaOptimizer
+
+from .unlearning import Subset
+
+UNLEARN_METHODS = ("MUNBa", "Naive", "ESD")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def build_unet(image_size: int, in_channels: int, num_classes: int, channels=(32, 64, 64)) -> nn.Module:
+    """Residual blocks only (no attention): at 16×16 attention buys little and costs CPU time."""
+    from diffusers import UNet2DModel
+
+    if image_size % 2 ** (len(channels) - 1):
+        raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels) - 1}")
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels),
+        add_attention=False,
+        num_class_embeds=num_classes + 1,  # the last id is the null (unconditional) class
+        norm_num_groups=8,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    # The cosine schedule keeps small images from being pure noise for the last third of t.
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2")
+
+
+def to_model_range(x: Tensor, image_size: int) -> Tensor:
+    """[0, 1] images at any size → [-1, 1] at ``image_size`` (area pooling down, bilinear up)."""
+    if x.shape[-1] != image_size:
+        mode = "area" if x.shape[-1] > image_size else "bilinear"
+        x = F.interpolate(x, size=(image_size, image_size), mode=mode)
+    return x.clamp(0, 1) * 2 - 1
+
+
+def eps(model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    return model(x_t, t, class_labels=labels).sample
+
+
+def add_noise(scheduler, x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, noise, t) with a uniformly drawn timestep per sample (seeded)."""
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=gen).to(x0.device)
+    return scheduler.add_noise(x0, noise, t), noise, t
+
+
+def drop_labels(labels: Tensor, null_class: int, p: float, gen: torch.Generator) -> Tensor:
+    if p <= 0:
+        return labels
+    drop = (torch.rand(labels.shape, generator=gen) < p).to(labels.device)
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def denoising_loss(
+    model, scheduler, x0: Tensor, labels: Tensor, gen, *, null_class: int, class_dropout: float
+):
+    """The DDPM objective: predict the added noise (labels dropped to ∅ with ``class_dropout``)."""
+    x_t, noise, t = add_noise(scheduler, x0, gen)
+    return F.mse_loss(eps(model, x_t, t, drop_labels(labels, null_class, class_dropout, gen)), noise)
+
+
+def forget_loss(model, x_t: Tensor, t: Tensor, forget_labels: Tensor, anchor_labels: Tensor) -> Tensor:
+    """MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()): the forget class now denoises like the anchor."""
+    with torch.no_grad():
+        target = eps(model, x_t, t, anchor_labels)
+    return F.mse_loss(eps(model, x_t, t, forget_labels), target)
+
+
+def esd_loss(model, frozen, x_t: Tensor, t: Tensor, forget_labels: Tensor, null_labels: Tensor, eta: float):
+    """ESD's negative guidance: steer ε(x_t, c_forget) away from the concept, as judged by a frozen copy."""
+    with torch.no_grad():
+        uncond = eps(frozen, x_t, t, null_labels)
+        target = uncond - eta * (eps(frozen, x_t, t, forget_labels) - uncond)
+    return F.mse_loss(eps(model, x_t, t, forget_labels), target)
+
+
+def train_ddpm(
+    model: nn.Module,
+    data: Subset,
+    *,
+    num_classes: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    class_dropout: float,
+    ema_decay: float,
+    seed: int,
+    progress: bool = True,
+) -> nn.Module:
+    """Pre-train with AdamW and a one-cycle schedule; returns the EMA of the weights (better
+    samples after short training than the last iterate)."""
+    gen = torch.Generator().manual_seed(seed)
+    scheduler = build_scheduler()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)
+    )
+    model.train()
+    with tqdm(range(steps), desc="DDPM pre-training", unit="step", disable=not progress, leave=False) as bar:
+        for _ in bar:
+            idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(data.x.device)
+            loss = denoising_loss(
+                model,
+                scheduler,
+                data.x[idx],
+                data.y[idx],
+                gen,
+                null_class=num_classes,
+                class_dropout=class_dropout,
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    model.load_state_dict(ema.module.state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    labels: Tensor,
+    *,
+    null_class: int,
+    steps: int = 25,
+    guidance: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> Tensor:
+    """DDIM (η = 0) samples for ``labels`` with classifier-free guidance; [0, 1] images on the CPU.
+
+    ``guidance`` w mixes ε_∅ + w (ε_c − ε_∅); w = 1 is the plain conditional model.
+    """
+    from diffusers import DDIMScheduler
+
+    model.eval()
+    device = next(model.parameters()).device
+    cfg = model.config
+    ddim = DDIMScheduler.from_config(build_scheduler().config)
+    ddim.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=gen)
+    out = []
+    chunks = list(zip(noise.split(batch_size), labels.split(batch_size)))
+    for x, c in tqdm(chunks, desc="sampling", unit="batch", disable=not progress, leave=False):
+        x, c = x.to(device), c.to(device)
+        both = torch.cat([c, torch.full_like(c, null_class)])
+        for t in ddim.timesteps:
+            e_c, e_u = eps(model, torch.cat([x, x]), t.to(device).expand(2 * len(x)), both).chunk(2)
+            x = ddim.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) / 2).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+@dataclass
+class UnlearnRun:
+    model: nn.Module
+    seconds: float
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (forget, preserve) per step
+    bargain_log: list[tuple[float, float, float]] = field(default_factory=list)  # (α_f, α_r, cos φ)
+
+
+def unlearn_class(
+    method: str,
+    original: nn.Module,
+    forget: Subset,
+    retain: Subset,
+    *,
+    num_classes: int,
+    anchor_class: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    class_dropout: float,
+    esd_eta: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> UnlearnRun:
+    """Erase ``forget``'s class from a copy of ``original`` with ``method`` (see module docstring).
+
+    Every method sees the same forget batches, noise and timesteps (one seeded generator per
+    purpose); MUNBa and Naive also the same retain batches.
+    """
+    if method not in UNLEARN_METHODS:
+        raise ValueError(f"method must be one of {UNLEARN_METHODS}, got {method!r}")
+    if len(forget) == 0 or len(retain) == 0:
+        raise ValueError("unlearn_class needs non-empty forget and retain sets")
+    model = copy.deepcopy(original).train()
+    frozen = copy.deepcopy(original).eval().requires_grad_(False) if method == "ESD" else None
+    if method == "MUNBa":
+        opt = MUNBaOptimizer(model.parameters(), lr=lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = build_scheduler()
+    f_gen, r_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    device = forget.x.device
+    null, log, trace = num_classes, [], []
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc=f"{method} unlearning", unit="step", disable=not progress, leave=False):
+        f_idx = torch.randint(0, len(forget), (batch_size,), generator=f_gen).to(device)
+        x_t, _, t = add_noise(scheduler, forget.x[f_idx], f_gen)
+        c_f = forget.y[f_idx]
+        opt.zero_grad(set_to_none=True)
+        if method == "ESD":
+            loss_f = esd_loss(model, frozen, x_t, t, c_f, torch.full_like(c_f, null), esd_eta)
+            loss_f.backward()
+            opt.step()
+            log.append((loss_f.detach(), torch.zeros((), device=device)))
+            continue
+        loss_f = forget_loss(model, x_t, t, c_f, torch.full_like(c_f, anchor_class))
+        r_idx = torch.randint(0, len(retain), (batch_size,), generator=r_gen).to(device)
+
+        loss_r = denoising_loss(
+            model,
+            scheduler,
+            retain.x[r_idx],
+            retain.y[r_idx],
+            r_gen,
+            null_class=null,
+            class_dropout=class_dropout,
+        )
+        if method == "MUNBa":
+            loss_f.backward()
+            opt.capture_forget()
+            loss_r.backward()
+            opt.step()
+            b = opt.last_bargain
+            trace.append(torch.cat([b.alpha, b.cos[None]]).float())
+        else:
+            (loss_f + loss_r).backward()
+            opt.step()
+        log.append((loss_f.detach(), loss_r.detach()))
+    seconds = time.perf_counter() - start
+    losses = [tuple(row) for row in torch.stack([torch.stack(p) for p in log]).tolist()]
+    bargain = [tuple(row) for row in torch.stack(trace).tolist()] if trace else []
+    return UnlearnRun(model.eval(), seconds, losses, bargain)
+
+
+def default_anchor(forget_class: int, num_classes: int) -> int:
+    """The next class (mod K): a fixed, documented choice rather than a tuned one."""
+    return (forget_class + 1) % num_classes
