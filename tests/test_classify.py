@@ -167,3 +167,35 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         classify.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_cli_distributed_over_two_ranks(mode, tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 alone trains, evaluates, logs and writes; the other
+    rank unlearns alongside it (a rank that fell out of step would hang or crash the job)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "munba_kernels.drivers.classify", "--dataset", "digits", "--methods", "MUNBa,FT",
+           "--quick", "--no-progress", "--distributed", mode, "--out", str(tmp_path / "out"),
+           "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"{mode} over 2 ranks" in proc.stdout
+    assert proc.stdout.count("seed 0 MUNBa") == 1 and proc.stdout.count("seed 0 FT") == 1
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["config"]["distributed"] == mode
+    assert set(saved["methods"]) == {"Retrain", "Original", "MUNBa", "FT"}
+    for row in saved["methods"].values():
+        assert all(0.0 <= row[k] <= 100.0 for k in ("UA", "RA", "TA", "MIA"))
+    trace = json.loads((tmp_path / "out" / "munba_bargain.json").read_text())
+    assert trace and all(math.isfinite(v) for step in trace for v in step)
+    assert len(list((tmp_path / "cache" / "classify").glob("*.pt"))) == 2  # rank 0 trained once
+
+
+def test_cli_distributed_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        classify.main(["--dataset", "digits", "--quick", "--distributed", "ddp", "--out", "unused"])

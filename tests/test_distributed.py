@@ -8,6 +8,7 @@ average gradients).
 """
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,18 @@ def test_preserve_gradients_written_into_forget_memory_are_refused():
     with pytest.raises(RuntimeError, match="gradient_as_bucket_view"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(4))
+
+
+def test_distributed_step_benchmark_quick(tmp_path):
+    """benchmarks/bench_distributed_step.py --quick: two spawned gloo ranks, FSDP2."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_distributed_step.py"
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--worlds", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (row,) = json.loads(out.read_text())
+    assert row["world"] == 2 and row["params"] > 0
+    assert row["munba_ms"] > 0 and row["adamw_ms"] > 0
+    assert "| 2 |" in proc.stdout

@@ -33,6 +33,7 @@ from munba_kernels.evaluation.metrics import GAP_METRICS, unlearning_metrics
 from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars
 
 from . import data as datasets
+from . import parallel
 from .models import MODELS, build_model, classifier_head
 from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
 
@@ -73,6 +74,7 @@ class Config:
     cache_dir: str = str(Path(os.environ.get("MUNBA_CACHE_DIR", Path.home() / ".cache" / "munba_kernels")))
     quick: bool = False
     progress: bool = True
+    distributed: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -125,6 +127,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--quick", action="store_true", help="tiny smoke run: small subsets, one epoch, one learning rate"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--distributed",
+        choices=parallel.MODES,
+        help="unlearn data-parallel (ddp) or sharded (fsdp2) across the ranks of a torchrun job; "
+        "rank 0 trains the original and Retrain models, evaluates and writes the outputs",
+    )
     a = p.parse_args(argv)
     methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -154,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cache_dir=a.cache_dir,
         quick=a.quick,
         progress=not a.no_progress,
+        distributed=a.distributed,
     )
     if cfg.quick:
         cfg.train_size, cfg.test_size = min(cfg.train_size or 600, 600), min(cfg.test_size or 300, 300)
@@ -285,9 +294,19 @@ def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, f
     return out, test_f
 
 
-def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple[dict[str, dict], list]:
+def run_seed(
+    cfg: Config, ds: datasets.ImageData, seed: int, log=print, ranks: parallel.Ranks = parallel.SINGLE_PROCESS
+) -> tuple[dict[str, dict], list]:
+    """Every method on one seed.  Under torchrun only rank 0 trains, evaluates and returns rows;
+    the other ranks take part in unlearning (the original's weights come from rank 0)."""
     split = prepare_data(cfg, ds, seed)
     in_channels = ds.image_shape[0]
+    if not ranks.lead:
+        original = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
+        for method in cfg.methods:
+            for lr in lr_grid(cfg, method):
+                unlearn_with(cfg, method, original, split, lr, seed, ranks)
+        return {}, []
     train_all = Subset(
         torch.cat([split.forget.x, split.retain.x]), torch.cat([split.forget.y, split.retain.y])
     )
@@ -315,21 +334,9 @@ def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple
     }
     trace = []
     for method in cfg.methods:
-        grid = LR_GRID[method][:1] if cfg.quick else LR_GRID[method]
         best = None
-        for lr in grid:
-            run = unlearn(
-                method,
-                copy.deepcopy(original),
-                split.forget,
-                split.retain,
-                num_classes=split.num_classes,
-                epochs=cfg.epochs,
-                lr=lr,
-                batch_size=cfg.batch_size,
-                seed=seed,
-                progress=cfg.progress,
-            )
+        for lr in lr_grid(cfg, method):
+            run = unlearn_with(cfg, method, original, split, lr, seed, ranks)
             preds = predict_splits(run.model, split)
             gap_val = avg_gap(evaluate(preds, "val"), retrain_val)
             log(f"  seed {seed} {method:8s} lr {lr:<7g} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
@@ -349,6 +356,26 @@ def run_seed(cfg: Config, ds: datasets.ImageData, seed: int, log=print) -> tuple
     return rows, trace
 
 
+def lr_grid(cfg: Config, method: str) -> tuple[float, ...]:
+    return LR_GRID[method][:1] if cfg.quick else LR_GRID[method]
+
+
+def unlearn_with(cfg: Config, method: str, original, split: Split, lr: float, seed: int, ranks):
+    return unlearn(
+        method,
+        copy.deepcopy(original),
+        split.forget,
+        split.retain,
+        num_classes=split.num_classes,
+        epochs=cfg.epochs,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        progress=cfg.progress and ranks.lead,
+        ranks=ranks,
+    )
+
+
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     """Mean over seeds of every numeric entry, with the per-seed values alongside."""
     out = {}
@@ -365,18 +392,33 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
+    ranks = parallel.SINGLE_PROCESS
+    if cfg.distributed:
+        ranks, cfg.device = parallel.init(cfg.distributed, cfg.device)
+    try:
+        return run(cfg, ranks)
+    finally:
+        parallel.shutdown(ranks)
+
+
+def run(cfg: Config, ranks: parallel.Ranks) -> dict:
     ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.model is None:
         cfg.model = "resnet18" if ds.image_shape[1] >= 32 else "narrow_resnet"
+    if not ranks.lead:
+        for seed in range(cfg.seeds):
+            run_seed(cfg, ds, seed, ranks=ranks)
+        return {}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"{cfg.dataset}: {len(ds.y_train)} train / {len(ds.y_test)} test images; using "
         f"{cfg.train_size or 'all'} / {cfg.test_size or 'all'}; model {cfg.model}; scenario {cfg.scenario}"
+        + (f"; {cfg.distributed} over {ranks.world} ranks" if cfg.distributed else "")
     )
     per_seed, traces = [], []
     for seed in range(cfg.seeds):
-        rows, trace = run_seed(cfg, ds, seed)
+        rows, trace = run_seed(cfg, ds, seed, ranks=ranks)
         per_seed.append(rows)
         traces.append(trace)
     methods = aggregate(per_seed)

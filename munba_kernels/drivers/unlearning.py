@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from munba_kernels import MUNBaOptimizer
 
+from . import parallel
+
 METHODS = ("FT", "GA", "RL", "NegGrad+", "Naive", "MUNBa")
 NEGGRAD_BETA = 0.9
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -54,11 +56,11 @@ class UnlearningRun:
     bargain_log: list[tuple[float, float, float]] = field(default_factory=list)  # (α_f, α_r, cos) per step
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator, device) -> Iterator[Tensor]:
-    """Seeded shuffled index batches; a trailing batch of one sample is dropped (BatchNorm
-    cannot normalise a single sample at 1×1 resolution)."""
+def _batches(n: int, batch_size: int, gen: torch.Generator, device, world: int = 1) -> Iterator[Tensor]:
+    """Seeded shuffled index batches.  A trailing batch that would leave a rank one sample is
+    dropped (BatchNorm cannot normalise a single sample at 1×1 resolution)."""
     for idx in torch.randperm(n, generator=gen).to(device).split(batch_size):
-        if len(idx) > 1 or n == 1:
+        if len(idx) >= 2 * world or n == 1:
             yield idx
 
 
@@ -111,12 +113,18 @@ def unlearn(
     batch_size: int,
     seed: int,
     progress: bool = True,
+    ranks: parallel.Ranks = parallel.SINGLE_PROCESS,
 ) -> UnlearningRun:
-    """Run ``method`` in place on ``model`` (a copy of the original); returns it with timing."""
+    """Run ``method`` in place on ``model`` (a copy of the original); returns it with timing.
+
+    Under torchrun (``ranks``), every rank draws the same batches and trains on its slice
+    of each; the trained weights are complete on every rank afterwards.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     gen = torch.Generator().manual_seed(seed)
-    device = retain.x.device
+    device, world = retain.x.device, ranks.world
+    plain, model = model, parallel.wrap(model, ranks)
     if method == "MUNBa":
         opt = MUNBaOptimizer.paper_faithful(model.parameters(), lr=lr)
     else:
@@ -125,13 +133,19 @@ def unlearn(
     step_fn = _STEPS[method]
 
     if method == "GA":
-        plan = [(None, idx) for _ in range(epochs) for idx in _batches(len(forget), batch_size, gen, device)]
+        plan = [
+            (None, idx)
+            for _ in range(epochs)
+            for idx in _batches(len(forget), batch_size, gen, device, world)
+        ]
     elif method == "RL":
         union = Subset(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y]))
-        plan = [(idx, None) for _ in range(epochs) for idx in _batches(len(union), batch_size, gen, device)]
+        plan = [
+            (idx, None) for _ in range(epochs) for idx in _batches(len(union), batch_size, gen, device, world)
+        ]
     else:
         plan = list(
-            _paired_batches(len(retain), len(forget), batch_size, epochs, gen, device, method != "FT")
+            _paired_batches(len(retain), len(forget), batch_size, epochs, gen, device, method != "FT", world)
         )
 
     model.train()
@@ -142,33 +156,33 @@ def unlearn(
         if method == "RL":
             is_forget = r_idx < len(forget)
             labels = torch.where(is_forget, random_labels(union.y[r_idx], num_classes, gen), union.y[r_idx])
-            step_fn(model, opt, None, Subset(union.x[r_idx], labels))
+            step_fn(model, opt, None, ranks.local(Subset(union.x[r_idx], labels)))
         else:
             fb = None if f_idx is None else Subset(forget.x[f_idx], forget.y[f_idx])
             rb = None if r_idx is None else Subset(retain.x[r_idx], retain.y[r_idx])
             if fb is not None and method in ("Naive", "MUNBa"):
                 fb = Subset(fb.x, random_labels(fb.y, num_classes, gen))
-            step_fn(model, opt, fb, rb)
+            step_fn(model, opt, ranks.local(fb), ranks.local(rb))
         if method == "MUNBa":
             b = opt.last_bargain
             log.append(torch.cat([b.alpha, b.cos[None]]).float())
     seconds = time.perf_counter() - start
     bargain_log = [tuple(row) for row in torch.stack(log).tolist()] if log else []
-    return UnlearningRun(model.eval(), seconds, bargain_log)
+    return UnlearningRun(parallel.unwrap(model, plain, ranks).eval(), seconds, bargain_log)
 
 
-def _paired_batches(n_retain, n_forget, batch_size, epochs, gen, device, with_forget) -> Iterator:
+def _paired_batches(n_retain, n_forget, batch_size, epochs, gen, device, with_forget, world=1) -> Iterator:
     """Retain batches of ``batch_size``; forget batches sized so both sets are covered per epoch."""
     steps = math.ceil(n_retain / batch_size)
-    f_size = max(2, math.ceil(n_forget / steps))
+    f_size = max(2 * world, math.ceil(n_forget / steps))
     for _ in range(epochs):
-        forget_iter = iter(_batches(n_forget, f_size, gen, device)) if with_forget else None
-        for r_idx in _batches(n_retain, batch_size, gen, device):
+        forget_iter = iter(_batches(n_forget, f_size, gen, device, world)) if with_forget else None
+        for r_idx in _batches(n_retain, batch_size, gen, device, world):
             f_idx = None
             if forget_iter is not None:
                 f_idx = next(forget_iter, None)
                 if f_idx is None:  # rounding left the forget pass one batch short: start another
-                    forget_iter = iter(_batches(n_forget, f_size, gen, device))
+                    forget_iter = iter(_batches(n_forget, f_size, gen, device, world))
                     f_idx = next(forget_iter)
             yield r_idx, f_idx
 
