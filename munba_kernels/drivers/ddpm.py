@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +82,8 @@ def eps(model: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
 
 def add_noise(scheduler, x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, noise, t) with a uniformly drawn timestep per sample (seeded)."""
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
     return scheduler.add_noise(x0, noise, t), noise, t
 
 
@@ -93,27 +94,31 @@ def drop_labels(labels: Tensor, null_class: int, p: float, gen: torch.Generator)
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
-def denoising_loss(
-    model, scheduler, x0: Tensor, labels: Tensor, gen, *, null_class: int, class_dropout: float
-):
-    """The DDPM objective: predict the added noise (labels dropped to ∅ with ``class_dropout``)."""
+# The losses take ``eps_fn(x_t, t, cond) -> ε`` so that the class-conditional UNet (cond = labels)
+# and Stable Diffusion's UNet (cond = text embeddings) share them.
+
+
+def denoising_loss(eps_fn, scheduler, x0: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
+    """The DDPM objective: predict the noise added to ``x0`` at a random timestep."""
     x_t, noise, t = add_noise(scheduler, x0, gen)
-    return F.mse_loss(eps(model, x_t, t, drop_labels(labels, null_class, class_dropout, gen)), noise)
+    return F.mse_loss(eps_fn(x_t, t, cond), noise)
 
 
-def forget_loss(model, x_t: Tensor, t: Tensor, forget_labels: Tensor, anchor_labels: Tensor) -> Tensor:
-    """MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()): the forget class now denoises like the anchor."""
+def forget_loss(eps_fn, x_t: Tensor, t: Tensor, cond_forget: Tensor, cond_anchor: Tensor) -> Tensor:
+    """MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()): the forget condition now denoises like the anchor."""
     with torch.no_grad():
-        target = eps(model, x_t, t, anchor_labels)
-    return F.mse_loss(eps(model, x_t, t, forget_labels), target)
+        target = eps_fn(x_t, t, cond_anchor)
+    return F.mse_loss(eps_fn(x_t, t, cond_forget), target)
 
 
-def esd_loss(model, frozen, x_t: Tensor, t: Tensor, forget_labels: Tensor, null_labels: Tensor, eta: float):
+def esd_loss(
+    eps_fn, frozen_eps_fn, x_t: Tensor, t: Tensor, cond_forget: Tensor, cond_null: Tensor, eta: float
+):
     """ESD's negative guidance: steer ε(x_t, c_forget) away from the concept, as judged by a frozen copy."""
     with torch.no_grad():
-        uncond = eps(frozen, x_t, t, null_labels)
-        target = uncond - eta * (eps(frozen, x_t, t, forget_labels) - uncond)
-    return F.mse_loss(eps(model, x_t, t, forget_labels), target)
+        uncond = frozen_eps_fn(x_t, t, cond_null)
+        target = uncond - eta * (frozen_eps_fn(x_t, t, cond_forget) - uncond)
+    return F.mse_loss(eps_fn(x_t, t, cond_forget), target)
 
 
 def train_ddpm(
@@ -142,15 +147,8 @@ def train_ddpm(
     with tqdm(range(steps), desc="DDPM pre-training", unit="step", disable=not progress, leave=False) as bar:
         for _ in bar:
             idx = torch.randint(0, len(data), (batch_size,), generator=gen).to(data.x.device)
-            loss = denoising_loss(
-                model,
-                scheduler,
-                data.x[idx],
-                data.y[idx],
-                gen,
-                null_class=num_classes,
-                class_dropout=class_dropout,
-            )
+            labels = drop_labels(data.y[idx], num_classes, class_dropout, gen)
+            loss = denoising_loss(partial(eps, model), scheduler, data.x[idx], labels, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -232,7 +230,9 @@ def unlearn_class(
     if len(forget) == 0 or len(retain) == 0:
         raise ValueError("unlearn_class needs non-empty forget and retain sets")
     model = copy.deepcopy(original).train()
-    frozen = copy.deepcopy(original).eval().requires_grad_(False) if method == "ESD" else None
+    eps_fn = partial(eps, model)
+    if method == "ESD":
+        frozen_eps_fn = partial(eps, copy.deepcopy(original).eval().requires_grad_(False))
     if method == "MUNBa":
         opt = MUNBaOptimizer(model.parameters(), lr=lr, weight_decay=0.0)
     else:
@@ -248,23 +248,17 @@ def unlearn_class(
         c_f = forget.y[f_idx]
         opt.zero_grad(set_to_none=True)
         if method == "ESD":
-            loss_f = esd_loss(model, frozen, x_t, t, c_f, torch.full_like(c_f, null), esd_eta)
+            loss_f = esd_loss(eps_fn, frozen_eps_fn, x_t, t, c_f, torch.full_like(c_f, null), esd_eta)
             loss_f.backward()
             opt.step()
             log.append((loss_f.detach(), torch.zeros((), device=device)))
             continue
-        loss_f = forget_loss(model, x_t, t, c_f, torch.full_like(c_f, anchor_class))
+        loss_f = forget_loss(eps_fn, x_t, t, c_f, torch.full_like(c_f, anchor_class))
         r_idx = torch.randint(0, len(retain), (batch_size,), generator=r_gen).to(device)
-
-        loss_r = denoising_loss(
-            model,
-            scheduler,
-            retain.x[r_idx],
-            retain.y[r_idx],
-            r_gen,
-            null_class=null,
-            class_dropout=class_dropout,
-        )
+        # The preserve loss keeps pre-training's class dropout, so the unconditional ε that
+        # classifier-free guidance relies on is preserved as well.
+        r_labels = drop_labels(retain.y[r_idx], null, class_dropout, r_gen)
+        loss_r = denoising_loss(eps_fn, scheduler, retain.x[r_idx], r_labels, r_gen)
         if method == "MUNBa":
             loss_f.backward()
             opt.capture_forget()

@@ -178,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error(f"--methods: unknown {unknown}; choose from {methods} or 'all'")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was requested but no CUDA device is available")
+    if a.pretrained is not None and (not a.forget_prompt or a.anchor_prompt is None):
+        p.error("--pretrained needs at least one --forget-prompt and an --anchor-prompt")
     cfg = Config(
         dataset=a.dataset,
         data_dir=a.data_dir,
