@@ -45,15 +45,36 @@ def batches(step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
     return (xf, torch.randn(BATCH, 1, generator=gen)), (xr, torch.randn(BATCH, 1, generator=gen))
 
 
-def unlearning_step(model: nn.Module, opt: MUNBaOptimizer, step: int, rank: int, world: int) -> None:
+def unlearning_step(model: nn.Module, opt: MUNBaOptimizer, step: int, rank: int, world: int) -> int:
+    """One forget + preserve step on this rank's half of the batches; returns the all-reduces
+    ``opt.step()`` issued."""
     (xf, yf), (xr, yr) = batches(step)
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     loss_f = -nn.functional.mse_loss(model(xf[part]), yf[part])  # ascend on the forget batch
     loss_f.backward()
     opt.capture_forget()
     nn.functional.mse_loss(model(xr[part]), yr[part]).backward()
-    opt.step()
+    with CountCollectives() as collectives:
+        opt.step()
     opt.zero_grad(set_to_none=True)
+    return collectives.calls
+
+
+class CountCollectives:
+    """Counts the all-reduces issued through torch.distributed while active."""
+
+    def __enter__(self):
+        self.calls, self._original = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._original
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,9 +125,8 @@ def run_wrapped(wrapper: str, base: str, backend: str, rank: int, world: int) ->
     model = _wrap(make_model(), wrapper)
     group = dict(gram_process_group=model.process_group) if wrapper == "fsdp1" else {}
     opt = MUNBaOptimizer(model.parameters(), backend=backend, **BASES[base], **group)
-    for step in range(STEPS):
-        unlearning_step(model, opt, step, rank, world)
-    return full_params(model)
+    calls = [unlearning_step(model, opt, step, rank, world) for step in range(STEPS)]
+    return {**full_params(model), "all-reduces per step": torch.tensor(calls)}
 
 
 def run_resumed(base: str, backend: str, rank: int, world: int, split: int = 2) -> dict[str, torch.Tensor]:
