@@ -2,20 +2,28 @@
 
 Variants, on the same parameters and gradients, timed interleaved (round-robin) so that load
 from other processes on a shared machine hits all of them alike:
-  fused-adamw    torch.optim.AdamW(fused=True) on one gradient: the single-objective floor
-  naive-sum      d = g_f + g_r, then torch.optim.AdamW(fused=True): what most unlearning code does
-  plain-ops      MUNBa in plain torch ops: three dot products, combine, foreach AdamW
-  munba-<name>   MUNBaOptimizer(backend=<name>) for every backend usable on the device
-  copy-probe     a copy of 8 bytes per parameter (the Gram's traffic), measured in the same run
-                 to give every row an effective bandwidth and its share of the probe's
+  fused-adamw         torch.optim.AdamW(fused=True) on one gradient: the single-objective floor
+  naive-sum           d = g_f + g_r, then torch.optim.AdamW(fused=True): what most unlearning code does
+  plain-ops           MUNBa in plain torch ops: three dot products, combine, foreach AdamW
+  plain-ops-compiled  the same function under torch.compile (compilation is warm-up, never timed;
+                      if it fails here, the row says why)
+  munba-<name>        MUNBaOptimizer(backend=<name>) for every backend usable on the device
+  copy-probe          a copy of 8 bytes per parameter (the Gram's traffic), measured in the same run
+                      to give every row an effective bandwidth and its share of the probe's
 
 Each row reports the median and the inter-quartile spread of the step time, the ratio to
-fused AdamW and the effective bandwidth (bytes a step must move / time).  The bytes per
-fp32 parameter: fused AdamW 28 (read p, g, m, v; write p, m, v), a MUNBa step 40 (the Gram
-reads g_f, g_r; the update reads g_f, g_r, p, m, v and writes p, m, v).
+fused AdamW, the effective bandwidth (bytes a step must move / time) and the peak memory a
+step needs beyond fused AdamW's (each variant in a fresh subprocess; parameters, gradients,
+optimizer state and temporaries all counted), also in units of one gradient.  Bytes per fp32
+parameter: fused AdamW 28 (read p, g, m, v; write p, m, v), a MUNBa step 40 (the Gram reads
+g_f, g_r; the update reads g_f, g_r, p, m, v and writes p, m, v).
 
     python benchmarks/bench_optimizer_step.py [--numel 20000000] [--tensors 10] [--dtype float32]
-        [--device cpu|cuda] [--rounds 15] [--quick] [--out results.json] [--markdown results.md]
+        [--device cpu|cuda] [--rounds 15] [--variants a,b,...] [--no-memory] [--quick]
+        [--out results.json] [--markdown results.md]
+
+The pytest-benchmark sweep over sizes (benchmarks/sweep.py) builds its variants with this file's
+StepInputs and build_step.
 """
 
 from __future__ import annotations
@@ -24,115 +32,227 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterable
+from functools import cached_property
 
 import torch
+from bench_memory import peak_extra_bytes, probe_in_subprocess, release_freed_memory
 
 from munba_kernels import MUNBaOptimizer, backends
 
+VARIANTS = (
+    "fused-adamw",
+    "naive-sum",
+    "plain-ops",
+    "plain-ops-compiled",
+    *(f"munba-{name}" for name in backends.BACKEND_NAMES if name != "auto"),
+    "copy-probe",
+)
 # Arrays an ideal implementation of each row's math reads + writes per parameter (× element
 # size): AdamW alone 4 + 3; summed gradients 5 + 3; MUNBa (Gram 2, update 5 + 3) 10; probe 1 + 1.
 BYTES_PER_ELEMENT = {"fused-adamw": 7, "naive-sum": 8, "copy-probe": 2}
 MUNBA_BYTES_PER_ELEMENT = 10
+MEMORY_STEPS = 3
 
 
-def make_variants(numel: int, tensors: int, dtype: torch.dtype, device: str):
-    gen = torch.Generator().manual_seed(0)
-    sizes = [numel // tensors] * tensors
+class Unavailable(Exception):
+    """A variant that cannot run on this machine; its message goes into the table."""
 
-    def randn(n):
-        return torch.randn(n, generator=gen).to(device=device, dtype=dtype)
 
-    start = [randn(n) for n in sizes]
-    g_f = [randn(n) for n in sizes]
-    g_r = [randn(n) for n in sizes]
+class StepInputs:
+    """Seeded parameters and the two gradients of one configuration, each made on first use,
+    so that a memory probe counts only the arrays its variant touches."""
 
-    def params():
-        return [torch.nn.Parameter(t.clone()) for t in start]
+    def __init__(self, numel: int, tensors: int, dtype: torch.dtype, device: str):
+        if tensors < 1:
+            raise ValueError(f"tensors must be at least 1, got {tensors}")
+        if numel < tensors:
+            raise ValueError(f"numel must be at least tensors ({tensors}), got {numel}")
+        self.numel, self.tensors, self.dtype, self.device = numel, tensors, dtype, device
+        self.sizes = [numel // tensors] * tensors
+        self.sizes[0] += numel % tensors
 
-    def adamw_on(grads_of):
-        ps = params()
-        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    def _seeded(self, seed: int) -> list[torch.Tensor]:
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return [torch.randn(n, generator=gen, dtype=self.dtype, device=self.device) for n in self.sizes]
 
-        def step():
-            for p, g in zip(ps, grads_of()):
+    @cached_property
+    def g_f(self) -> list[torch.Tensor]:
+        return self._seeded(1)
+
+    @cached_property
+    def g_r(self) -> list[torch.Tensor]:
+        return self._seeded(2)
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [torch.nn.Parameter(t) for t in self._seeded(0)]
+
+
+def plain_munba_step(params, opt, g_f, g_r) -> None:
+    """MUNBa as one would write it with torch ops: Gram by three dot products, closed-form α, combine."""
+    ff = sum(torch.dot(f, f) for f in g_f)
+    fr = sum(torch.dot(f, r) for f, r in zip(g_f, g_r))
+    rr = sum(torch.dot(r, r) for r in g_r)
+    scale = 1 / torch.sqrt(1 + fr / torch.sqrt(ff * rr))
+    a_f, a_r = scale / torch.sqrt(ff), scale / torch.sqrt(rr)
+    for p, f, r in zip(params, g_f, g_r):
+        p.grad = f * a_f + r * a_r
+    opt.step()
+
+
+def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
+    """One step of variant ``name`` on ``inputs`` (fresh parameters and optimizer state).
+
+    Raises Unavailable for a backend this install or device cannot run, or a compile failure.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}")
+    if name == "copy-probe":
+        dst = [torch.empty_like(g) for g in inputs.g_f]
+        return lambda: torch._foreach_copy_(dst, inputs.g_f)
+    params = inputs.params()
+    if name in ("fused-adamw", "naive-sum"):
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+        def adamw_step():
+            grads = inputs.g_f if name == "fused-adamw" else torch._foreach_add(inputs.g_f, inputs.g_r)
+            for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
 
-        return step
-
-    plain_params = params()
-    plain = torch.optim.AdamW(plain_params, lr=1e-4, foreach=True)
-
-    def plain_step():
-        ff = sum(torch.dot(f, f) for f in g_f)
-        fr = sum(torch.dot(f, r) for f, r in zip(g_f, g_r))
-        rr = sum(torch.dot(r, r) for r in g_r)
-        scale = 1 / torch.sqrt(1 + fr / torch.sqrt(ff * rr))
-        a_f, a_r = scale / torch.sqrt(ff), scale / torch.sqrt(rr)
-        for p, f, r in zip(plain_params, g_f, g_r):
-            p.grad = f * a_f + r * a_r
-        plain.step()
-
-    def munba(backend):
-        ps = params()
-        opt = MUNBaOptimizer(ps, lr=1e-4, backend=backend)
-
-        def step():
-            for p, g in zip(ps, g_f):
-                p.grad = g
-            opt.capture_forget()
-            for p, g in zip(ps, g_r):
-                p.grad = g
-            opt.step()
-
-        return step
-
-    probe_dst = [torch.empty_like(g) for g in g_f]
-
-    def probe():
-        torch._foreach_copy_(probe_dst, g_f)
-
-    variants = {
-        "fused-adamw": adamw_on(lambda: g_f),
-        "naive-sum": adamw_on(lambda: torch._foreach_add(g_f, g_r)),
-        "plain-ops": plain_step,
-    }
-    for name in backends.available():
+        return adamw_step
+    if name.startswith("plain-ops"):
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        if name == "plain-ops":
+            return lambda: plain_munba_step(params, opt, inputs.g_f, inputs.g_r)
+        compiled = torch.compile(plain_munba_step)
         try:
-            backends.resolve(name, torch.device(device))
-        except RuntimeError:  # e.g. the C++ kernels on a GPU
+            for _ in range(2):  # compile, then any recompilation once the optimizer has state
+                compiled(params, opt, inputs.g_f, inputs.g_r)
+        except Exception as err:  # any compiler failure makes the row unavailable
+            raise Unavailable(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        return lambda: compiled(params, opt, inputs.g_f, inputs.g_r)
+    backend = name.removeprefix("munba-")
+    try:
+        backends.resolve(backend, torch.device(inputs.device))
+    except RuntimeError as err:  # not built here, or e.g. the C++ kernels on a GPU
+        raise Unavailable(str(err)) from err
+    opt = MUNBaOptimizer(params, lr=1e-4, backend=backend)
+
+    def munba_step():
+        for p, g in zip(params, inputs.g_f):
+            p.grad = g
+        opt.capture_forget()
+        for p, g in zip(params, inputs.g_r):
+            p.grad = g
+        opt.step()
+
+    return munba_step
+
+
+def build_steps(inputs: StepInputs, names: Iterable[str]) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The runnable steps by name, each warmed up once, and the reasons the others cannot run."""
+    steps, unavailable = {}, {}
+    for name in names:
+        try:
+            steps[name] = build_step(name, inputs)
+        except Unavailable as err:
+            unavailable[name] = str(err)
             continue
-        variants[f"munba-{name}"] = munba(name)
-    variants["copy-probe"] = probe
-    return variants
+        steps[name]()  # warm-up: state allocation, first-touch page faults, kernels
+    return steps, unavailable
 
 
-def run(numel: int, tensors: int, dtype: torch.dtype, device: str, rounds: int) -> dict:
-    variants = make_variants(numel, tensors, dtype, device)
+def synchronizer(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else lambda: None
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
 
-    for step in variants.values():  # warm-up: state allocation, first-touch page faults, kernels
-        step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
+def time_interleaved(steps: dict[str, Callable], rounds: int, device: str) -> dict[str, list[float]]:
+    sync = synchronizer(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, step in variants.items():
+        for name, step in steps.items():
             sync()
             begin = time.perf_counter()
             step()
             sync()
             times[name].append(time.perf_counter() - begin)
+    return times
+
+
+def summarize(stats: dict[str, tuple[float, float]], numel: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Rows from ``{variant: (median seconds, IQR seconds)}``: ms, ratio to fused AdamW, GB/s, % of probe."""
     size = torch.finfo(dtype).bits // 8
     rows = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    for name, (median, iqr) in stats.items():
         moved = numel * size * BYTES_PER_ELEMENT.get(name, MUNBA_BYTES_PER_ELEMENT)
-        rows[name] = dict(median_ms=q[1] * 1e3, iqr_ms=(q[2] - q[0]) * 1e3, gb_per_s=moved / q[1] / 1e9)
+        rows[name] = dict(median_ms=median * 1e3, iqr_ms=iqr * 1e3, gb_per_s=moved / median / 1e9)
     for row in rows.values():
-        row["vs_fused_adamw"] = row["median_ms"] / rows["fused-adamw"]["median_ms"]
-        row["pct_of_probe_bandwidth"] = 100 * row["gb_per_s"] / rows["copy-probe"]["gb_per_s"]
+        if "fused-adamw" in rows:
+            row["vs_fused_adamw"] = row["median_ms"] / rows["fused-adamw"]["median_ms"]
+        if "copy-probe" in rows:
+            row["pct_of_probe_bandwidth"] = 100 * row["gb_per_s"] / rows["copy-probe"]["gb_per_s"]
+    return rows
+
+
+def median_and_iqr(ts: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return q[1], q[2] - q[0]
+
+
+def _config_argv(numel: int, tensors: int, dtype: torch.dtype, device: str) -> list[str]:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return ["--numel", str(numel), "--tensors", str(tensors), "--dtype", dtype_name, "--device", device]
+
+
+def measure_memory(numel: int, tensors: int, dtype: torch.dtype, device: str, names: Iterable[str]) -> dict:
+    """Peak bytes of building and taking a few steps of each variant, each in a fresh process."""
+    argv = _config_argv(numel, tensors, dtype, device)
+    return {n: probe_in_subprocess(__file__, [*argv, "--memory-probe", n]) for n in names if n != "copy-probe"}
+
+
+def add_memory(rows: dict[str, dict], peak_bytes: dict[str, int], numel: int, dtype: torch.dtype) -> None:
+    """Peak memory beyond fused AdamW's, in MiB and in gradients (numel × element size)."""
+    if "fused-adamw" not in peak_bytes:
+        return
+    gradient = numel * (torch.finfo(dtype).bits // 8)
+    for name, peak in peak_bytes.items():
+        extra = peak - peak_bytes["fused-adamw"]
+        rows[name].update(extra_peak_mib=extra / 2**20, extra_peak_gradients=extra / gradient)
+
+
+def _memory_probe(name: str, numel: int, tensors: int, dtype: torch.dtype, device: str) -> int:
+    """Peak bytes of building and stepping one variant, after a throwaway run that loads its kernels
+    (and compiles, at the same shapes) so that neither counts as the step's memory."""
+    warm = build_step(name, StepInputs(numel if "compiled" in name else tensors, tensors, dtype, device))
+    warm()
+    del warm
+    release_freed_memory()
+
+    def work():
+        step = build_step(name, StepInputs(numel, tensors, dtype, device))
+        for _ in range(MEMORY_STEPS):
+            step()
+
+    return peak_extra_bytes(work, device)
+
+
+def run(
+    numel: int,
+    tensors: int,
+    dtype: torch.dtype,
+    device: str,
+    rounds: int,
+    names: Iterable[str] = VARIANTS,
+    memory: bool = True,
+) -> dict:
+    names = list(names)
+    steps, unavailable = build_steps(StepInputs(numel, tensors, dtype, device), names)
+    times = time_interleaved(steps, rounds, device)
+    rows = summarize({n: median_and_iqr(ts) for n, ts in times.items()}, numel, dtype)
+    if memory:
+        add_memory(rows, measure_memory(numel, tensors, dtype, device, steps), numel, dtype)
+    rows.update({n: dict(unavailable=reason) for n, reason in unavailable.items()})
     return dict(
         numel=numel,
         tensors=tensors,
@@ -140,42 +260,72 @@ def run(numel: int, tensors: int, dtype: torch.dtype, device: str, rounds: int) 
         device=device,
         threads=torch.get_num_threads(),
         rounds=rounds,
-        rows=rows,
+        rows={n: rows[n] for n in names},
         times_s=times,
     )
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "–"
 
 
 def markdown(result: dict) -> str:
     lines = [
         f"{result['numel']:,} {result['dtype']} params in {result['tensors']} tensors on {result['device']}, "
-        f"{result['threads']} threads, median of {result['rounds']} interleaved rounds",
+        f"{result['threads']} threads, median of {result['rounds']} rounds ({result.get('timing', 'interleaved')})",
         "",
-        "| variant | median ms | IQR ms | vs fused AdamW | effective GB/s | % of copy probe |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | median ms | IQR ms | vs fused AdamW | effective GB/s | % of copy probe "
+        "| extra peak MiB vs fused AdamW | in gradients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["rows"].items():
+        if "unavailable" in r:
+            lines.append(f"| {name} | not run: {r['unavailable']} |||||||")
+            continue
         lines.append(
-            f"| {name} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {r['vs_fused_adamw']:.2f}× | "
-            f"{r['gb_per_s']:.1f} | {r['pct_of_probe_bandwidth']:.0f}% |"
+            f"| {name} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {_cell(r, 'vs_fused_adamw', '.2f')}× | "
+            f"{r['gb_per_s']:.1f} | {_cell(r, 'pct_of_probe_bandwidth', '.0f')}% | "
+            f"{_cell(r, 'extra_peak_mib', '.0f')} | {_cell(r, 'extra_peak_gradients', '.2f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--variants takes names from {', '.join(VARIANTS)}; got {text!r}")
+    return names
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--numel", type=int, default=20_000_000)
-    parser.add_argument("--tensors", type=int, default=10)
+    parser.add_argument("--numel", type=int, default=20_000_000, help="parameters in all (default 20M)")
+    parser.add_argument("--tensors", type=int, default=10, help="how many tensors they are split into")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="1M params, 3 rounds (a smoke test)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds (default 15)")
+    parser.add_argument("--variants", type=parse_variants, help="comma-separated subset (default: all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    parser.add_argument(
+        "--quick", action="store_true", help="1M params, 3 rounds, no compile unless --variants names it (a smoke test)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", help="write the table as Markdown here")
+    parser.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     numel, rounds = (1_000_000, 3) if args.quick else (args.numel, args.rounds)
-    result = run(numel, args.tensors, getattr(torch, args.dtype), args.device, rounds)
+    if args.variants is None:  # compiling takes a minute even when tiny
+        args.variants = [v for v in VARIANTS if not (args.quick and v == "plain-ops-compiled")]
+    dtype = getattr(torch, args.dtype)
+    if args.memory_probe:
+        print(_memory_probe(args.memory_probe, numel, args.tensors, dtype, args.device))
+        return {}
+    result = run(numel, args.tensors, dtype, args.device, rounds, args.variants, memory=not args.no_memory)
     table = markdown(result)
     print(table)
     if args.out:

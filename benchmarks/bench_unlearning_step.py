@@ -1,6 +1,10 @@
 """Time one whole unlearning step on a real model: this package against the published recipe.
 
-Variants, each a full step on a batch of forget and a batch of retain data:
+Models: torchvision's ResNet-18 at 32×32 (classification: forget loss = cross-entropy against
+random labels, as published) and a small class-conditional diffusers UNet2DModel at 32×32
+(diffusion: forget loss = MSE between the noise predicted for the forgotten class and for an
+anchor class at the same x_t and timestep, retain loss = the denoising loss; SalUn's and
+MUNBa's recipe).  Variants, each a full step on a batch of forget and a batch of retain data:
   munba      forget backward → capture_forget → retain backward → MUNBaOptimizer.step
              (2 backward passes, no flattened copies; paper_faithful settings)
   published  the published code's recipe: two autograd.grad(..., retain_graph=True) calls,
@@ -14,40 +18,57 @@ variant in a fresh subprocess (CUDA: max_memory_allocated; CPU: the sampled peak
 resident set over its value after set-up), reported as the extra bytes a step needs over
 the model and its data (optimizer state included).
 
-    python benchmarks/bench_unlearning_step.py [--model resnet18] [--batch 64] [--device cpu]
-                                               [--rounds 10] [--quick] [--out results.json]
+    python benchmarks/bench_unlearning_step.py [--model resnet18|unet] [--batch 32] [--device cpu]
+        [--rounds 8] [--quick] [--out results.json] [--markdown results.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_memory import peak_extra_bytes, probe_in_subprocess
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.drivers.models import build_model
 
 VARIANTS = ("munba", "published", "naive")
+CLASSIFIERS = ("resnet18", "narrow_resnet")
+# Small class-conditional UNets at 32×32; the last class embedding is the anchor the forget loss points at.
+UNETS = {
+    "unet": dict(
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "tiny_unet": dict(
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+QUICK_MODEL = {"resnet18": "narrow_resnet", "narrow_resnet": "narrow_resnet", "unet": "tiny_unet", "tiny_unet": "tiny_unet"}
+CLASSES = 10
+
+Loss = Callable[[torch.nn.Module], torch.Tensor]
 
 
-def make_step(variant: str, model, xf, yf, xr, yr):
+def make_step(variant: str, model: torch.nn.Module, forget_loss: Loss, retain_loss: Loss) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     if variant == "munba":
         opt = MUNBaOptimizer.paper_faithful(params)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xf), yf).backward()
+            forget_loss(model).backward()
             opt.capture_forget()
-            F.cross_entropy(model(xr), yr).backward()
+            retain_loss(model).backward()
             opt.step()
 
         return step
@@ -56,15 +77,15 @@ def make_step(variant: str, model, xf, yf, xr, yr):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            (F.cross_entropy(model(xf), yf) + F.cross_entropy(model(xr), yr)).backward()
+            (forget_loss(model) + retain_loss(model)).backward()
             opt.step()
 
         return step
 
     def step():  # the published recipe, as its code does it
         opt.zero_grad(set_to_none=True)
-        loss_f = F.cross_entropy(model(xf), yf)
-        loss_r = F.cross_entropy(model(xr), yr)
+        loss_f = forget_loss(model)
+        loss_r = retain_loss(model)
         g_f = torch.cat([g.flatten() for g in torch.autograd.grad(loss_f, params, retain_graph=True)])
         g_r = torch.cat([g.flatten() for g in torch.autograd.grad(loss_r, params, retain_graph=True)])
         G = torch.stack([g_r, g_f])
@@ -80,13 +101,49 @@ def make_step(variant: str, model, xf, yf, xr, yr):
     return step
 
 
-def setup(args):
+def build(name: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(args.model, 3, 10).to(args.device)
+    if name in CLASSIFIERS:
+        return build_model(name, 3, CLASSES).to(device)
+    from diffusers import UNet2DModel  # the drivers extra; only the UNet rows need it
+
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, num_class_embeds=CLASSES + 1, **UNETS[name]
+    ).to(device)
+
+
+def losses(name: str, batch: int, device: str) -> tuple[Loss, Loss]:
+    """The forget and retain losses on fixed, seeded batches."""
     gen = torch.Generator().manual_seed(0)
-    xf, xr = (torch.randn(args.batch, 3, 32, 32, generator=gen).to(args.device) for _ in range(2))
-    yf, yr = (torch.randint(0, 10, (args.batch,), generator=gen).to(args.device) for _ in range(2))
-    return model, xf, yf, xr, yr
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def labels(high):
+        return torch.randint(0, high, (batch,), generator=gen).to(device)
+
+    x_f, x_r = randn(batch, 3, 32, 32), randn(batch, 3, 32, 32)
+    if name in CLASSIFIERS:  # y_f: random labels, the published forget loss
+        y_f, y_r = labels(CLASSES), labels(CLASSES)
+        return (lambda m: F.cross_entropy(m(x_f), y_f)), (lambda m: F.cross_entropy(m(x_r), y_r))
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise_f, noise_r = randn(batch, 3, 32, 32), randn(batch, 3, 32, 32)
+    t_f, t_r = labels(1000), labels(1000)
+    xt_f, xt_r = scheduler.add_noise(x_f, noise_f, t_f), scheduler.add_noise(x_r, noise_r, t_r)
+    forgotten, anchor = torch.zeros_like(t_f), torch.full_like(t_f, CLASSES)
+    retained = labels(CLASSES - 1) + 1  # classes 1..9
+
+    def forget_loss(m):
+        with torch.no_grad():
+            target = m(xt_f, t_f, class_labels=anchor).sample
+        return F.mse_loss(m(xt_f, t_f, class_labels=forgotten).sample, target)
+
+    def retain_loss(m):
+        return F.mse_loss(m(xt_r, t_r, class_labels=retained).sample, noise_r)
+
+    return forget_loss, retain_loss
 
 
 def sync(device: str) -> None:
@@ -94,112 +151,104 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_step_bytes(args, variant: str) -> int:
+    """Peak bytes a few steps of one variant need beyond the model and its data (in this process)."""
+    model = build(args.model, args.device)
+    step = make_step(variant, model, *losses(args.model, args.batch, args.device))
 
-
-def peak_extra_bytes(args, variant: str) -> int:
-    """Run a few steps of one variant in this (fresh) process; bytes a step adds at its peak.
-
-    On the CPU a thread samples the resident set every millisecond (large tensors are
-    mmap-allocated, so freeing them lowers it again); the peak over the steps minus the
-    resident set before them is what the steps needed beyond the model and its data.
-    """
-    model, *data = setup(args)
-    step = make_step(variant, model, *data)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    def work():
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    base, peak, done = _resident_bytes(), [0], threading.Event()
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _resident_bytes())
-            time.sleep(0.001)
+    return peak_extra_bytes(work, args.device)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(3):
-        step()
-    done.set()
-    sampler.join()
-    return max(peak[0] - base, 0)
+
+def mib(n_bytes: int | None) -> str:
+    return "–" if n_bytes is None else f"{n_bytes / 2**20:.0f}"
+
+
+def markdown(result: dict) -> str:
+    median = result["median_ms"]
+    lines = [
+        f"{result['model']} ({result['params'] / 1e6:.1f}M params), forget + retain batches of {result['batch']} "
+        f"at 32×32, {result['device']}, {result['threads']} threads, median of {result['rounds']} interleaved rounds",
+        "",
+        "| variant | ms / step | IQR ms | vs published | vs naive | extra peak memory (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in VARIANTS:
+        lines.append(
+            f"| {v} | {median[v]:.1f} | {result['iqr_ms'][v]:.1f} | {median[v] / median['published']:.2f}× | "
+            f"{median[v] / median['naive']:.2f}× | {mib(result['extra_peak_bytes'].get(v))} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", choices=("resnet18", "narrow_resnet"))
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--model", default="resnet18", choices=(*CLASSIFIERS, *UNETS))
+    p.add_argument("--batch", type=int, default=32, help="forget and retain batch size each (default 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="narrow_resnet, batch 8, 2 rounds (a smoke test)")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved timed rounds (default 8)")
+    p.add_argument("--quick", action="store_true", help="the model's small sibling, batch 4, 2 rounds (a smoke test)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--markdown", help="write the table as Markdown here")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     p.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one subprocess
     args = p.parse_args(argv)
     if args.quick:
-        args.model, args.batch, args.rounds = "narrow_resnet", 8, 2
+        args.model, args.batch, args.rounds = QUICK_MODEL[args.model], 4, 2
+    for flag in ("batch", "rounds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.memory_probe:
-        print(peak_extra_bytes(args, args.memory_probe))
+        print(peak_step_bytes(args, args.memory_probe))
         return {}
 
-    model, *data = setup(args)
+    model = build(args.model, args.device)
+    loss_fns = losses(args.model, args.batch, args.device)
     steps = {}
     for v in VARIANTS:  # each variant gets its own copy of the model, same data
-        m = build_model(args.model, 3, 10).to(args.device)
+        m = build(args.model, args.device)
         m.load_state_dict(model.state_dict())
-        steps[v] = make_step(v, m, *data)
+        steps[v] = make_step(v, m, *loss_fns)
         steps[v]()  # warm-up: optimizer state, allocator, kernels
     times = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
+        print(f"[e2e] round {r + 1}/{args.rounds}", flush=True)
         for v in VARIANTS:
             sync(args.device)
             start = time.perf_counter()
             steps[v]()
             sync(args.device)
             times[v].append(time.perf_counter() - start)
+    del steps
     common = ["--model", args.model, "--batch", str(args.batch), "--device", args.device]
     memory = {}
-    for v in VARIANTS:
-        proc = subprocess.run(
-            [sys.executable, __file__, *common, "--memory-probe", v],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        memory[v] = int(proc.stdout.split()[-1])
-    median = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{args.model} ({n_params / 1e6:.1f}M params), forget + retain batches of {args.batch} at 32×32, "
-        f"{args.device}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n"
-    )
-    print("| variant | ms / step | vs published | vs naive | extra peak memory (MiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for v in VARIANTS:
-        print(
-            f"| {v} | {median[v]:.1f} | {median[v] / median['published']:.2f}× | "
-            f"{median[v] / median['naive']:.2f}× | {memory[v] / 2**20:.0f} |"
-        )
+    for v in () if args.no_memory else VARIANTS:
+        print(f"[e2e] peak memory of {v} (fresh process)", flush=True)
+        memory[v] = probe_in_subprocess(__file__, [*common, "--memory-probe", v])
+    quartiles = {v: statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3 for v, ts in times.items()}
     result = dict(
         model=args.model,
-        params=n_params,
+        params=sum(p.numel() for p in model.parameters()),
         batch=args.batch,
         device=args.device,
         threads=torch.get_num_threads(),
         rounds=args.rounds,
-        median_ms=median,
+        median_ms={v: statistics.median(ts) * 1e3 for v, ts in times.items()},
+        iqr_ms={v: (q[2] - q[0]) * 1e3 for v, q in quartiles.items()},
         times_s=times,
         extra_peak_bytes=memory,
     )
+    table = markdown(result)
+    print(table)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table)
     return result
 
 
