@@ -1,10 +1,12 @@
 """Time one whole unlearning step on a real model: this package against the published recipe.
 
 Models: torchvision's ResNet-18 at 32×32 (classification: forget loss = cross-entropy against
-random labels, as published) and a small class-conditional diffusers UNet2DModel at 32×32
-(diffusion: forget loss = MSE between the noise predicted for the forgotten class and for an
-anchor class at the same x_t and timestep, retain loss = the denoising loss; SalUn's and
-MUNBa's recipe).  Variants, each a full step on a batch of forget and a batch of retain data:
+random labels, as published) and the diffusion driver's class-conditional diffusers UNet2DModel
+(munba_kernels/drivers/ddpm.py; widths 64/128/128, 4.2M params) at 32×32: forget loss = MSE
+between the noise predicted for the forgotten class and for an anchor class at the same x_t
+and timestep, retain loss = the denoising loss (SalUn's and MUNBa's recipe).
+
+Variants, each a full step on a batch of forget and a batch of retain data:
   munba      forget backward → capture_forget → retain backward → MUNBaOptimizer.step
              (2 backward passes, no flattened copies; paper_faithful settings)
   published  the published code's recipe: two autograd.grad(..., retain_graph=True) calls,
@@ -29,30 +31,19 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from bench_memory import peak_extra_bytes, probe_in_subprocess
 
 from munba_kernels import MUNBaOptimizer
+from munba_kernels.drivers import ddpm
 from munba_kernels.drivers.models import build_model
 
 VARIANTS = ("munba", "published", "naive")
 CLASSIFIERS = ("resnet18", "narrow_resnet")
-# Small class-conditional UNets at 32×32; the last class embedding is the anchor the forget loss points at.
-UNETS = {
-    "unet": dict(
-        block_out_channels=(64, 128, 128),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ),
-    "tiny_unet": dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ),
-}
+UNETS = {"unet": (64, 128, 128), "tiny_unet": (8, 16)}  # widths of the diffusion driver's UNet
 QUICK_MODEL = {"resnet18": "narrow_resnet", "narrow_resnet": "narrow_resnet", "unet": "tiny_unet", "tiny_unet": "tiny_unet"}
 CLASSES = 10
 
@@ -105,43 +96,31 @@ def build(name: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name in CLASSIFIERS:
         return build_model(name, 3, CLASSES).to(device)
-    from diffusers import UNet2DModel  # the drivers extra; only the UNet rows need it
-
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, num_class_embeds=CLASSES + 1, **UNETS[name]
-    ).to(device)
+    return ddpm.build_unet(32, 3, CLASSES, channels=UNETS[name]).to(device)
 
 
 def losses(name: str, batch: int, device: str) -> tuple[Loss, Loss]:
     """The forget and retain losses on fixed, seeded batches."""
     gen = torch.Generator().manual_seed(0)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-
     def labels(high):
         return torch.randint(0, high, (batch,), generator=gen).to(device)
 
-    x_f, x_r = randn(batch, 3, 32, 32), randn(batch, 3, 32, 32)
+    x_f, x_r = (torch.randn(batch, 3, 32, 32, generator=gen).to(device) for _ in range(2))
     if name in CLASSIFIERS:  # y_f: random labels, the published forget loss
         y_f, y_r = labels(CLASSES), labels(CLASSES)
         return (lambda m: F.cross_entropy(m(x_f), y_f)), (lambda m: F.cross_entropy(m(x_r), y_r))
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    noise_f, noise_r = randn(batch, 3, 32, 32), randn(batch, 3, 32, 32)
-    t_f, t_r = labels(1000), labels(1000)
-    xt_f, xt_r = scheduler.add_noise(x_f, noise_f, t_f), scheduler.add_noise(x_r, noise_r, t_r)
-    forgotten, anchor = torch.zeros_like(t_f), torch.full_like(t_f, CLASSES)
-    retained = labels(CLASSES - 1) + 1  # classes 1..9
+    # the diffusion driver's losses: forgotten class 0 denoises like anchor class 1; retain classes 1..9
+    scheduler = ddpm.build_scheduler()
+    xt_f, _, t_f = ddpm.add_noise(scheduler, x_f, gen)
+    xt_r, noise_r, t_r = ddpm.add_noise(scheduler, x_r, gen)
+    forgotten, anchor, retained = torch.zeros_like(t_f), torch.ones_like(t_f), labels(CLASSES - 1) + 1
 
     def forget_loss(m):
-        with torch.no_grad():
-            target = m(xt_f, t_f, class_labels=anchor).sample
-        return F.mse_loss(m(xt_f, t_f, class_labels=forgotten).sample, target)
+        return ddpm.forget_loss(partial(ddpm.eps, m), xt_f, t_f, forgotten, anchor)
 
     def retain_loss(m):
-        return F.mse_loss(m(xt_r, t_r, class_labels=retained).sample, noise_r)
+        return F.mse_loss(ddpm.eps(m, xt_r, t_r, retained), noise_r)
 
     return forget_loss, retain_loss
 
