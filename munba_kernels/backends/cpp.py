@@ -7,7 +7,8 @@
   in registers (never stored), then the base rule updates the parameter and its states,
   each written once.
 
-The extension ``munba_kernels._C_cpu`` is optional (``setup.py`` skips it when it cannot be
+Both passes run as ``torch.library`` custom ops (:mod:`.ops`), so ``torch.compile`` keeps
+them as opaque nodes.  The extension ``munba_kernels._C_cpu`` is optional (``setup.py`` skips it when it cannot be
 compiled); it is imported on first use, never at import time, and :func:`is_available`
 reports why it is missing.
 
@@ -27,7 +28,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import reference
+from . import ops, reference
 from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
 
 name = "cpp"
@@ -66,7 +67,7 @@ def _lib() -> ModuleType:
     return lib
 
 
-def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
+def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
     """Float64 ``[ff, fr, rr]`` over all pairs (``None`` = zero gradient)."""
     if any(g is not None and g.dtype not in _DTYPES for g in (*forget, *preserve)):
         return reference.gram(forget, preserve, device)  # e.g. float8: no kernel for it
@@ -78,7 +79,7 @@ def _lr(lr: float | Tensor) -> float:
     return float(lr)
 
 
-def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+def _adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
     if bucket.dtype not in _DTYPES:  # e.g. float8: no kernel for it
         reference.adamw(bucket, coefficients, skip, hp)
         return
@@ -102,7 +103,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
     copy_back(staged)
 
 
-def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
+def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
     if bucket.dtype not in _DTYPES:
         reference.sgd(bucket, coefficients, skip, hp)
         return
@@ -124,3 +125,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         bucket.first_step,
     )
     copy_back(staged)
+
+
+_OPS = ops.register(name, _gram, _adamw, _sgd)
+gram, adamw, sgd = _OPS.gram, _OPS.adamw, _OPS.sgd

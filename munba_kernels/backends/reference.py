@@ -10,6 +10,10 @@ to the gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Th
 "the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
 step on the device, leaving every parameter and state untouched.
 
+Both passes run as ``torch.library`` custom ops (:mod:`.ops`), like the fused backends':
+traced by ``torch.compile``, torch's ``_fused_adamw_`` with a ``found_inf`` computed in the
+graph fails functionalization (torch 2.14), so the passes stay opaque nodes here too.
+
 fp32 states for bf16/fp16 params: torch's fused kernels need one dtype for a parameter and
 its states, so the rule runs on fp32 copies of the parameters (exact widenings) with d
 widened likewise, and each parameter is rounded back once: math in fp32, states stored in
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import ops
 from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
 
 name = "torch"
@@ -40,7 +45,7 @@ def supports(device: torch.device) -> bool:
     return True
 
 
-def gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
+def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
     """Return float64 ``[ff, fr, rr]`` over all pairs; ``None`` counts as a zero gradient."""
     parts = []
     for gf, gr in zip(forget, preserve):
@@ -102,7 +107,7 @@ def combine(bucket: TensorBucket, coefficients: Tensor, layouts: list[Tensor]) -
     return out
 
 
-def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+def _adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
     steps = bucket.state("step")
     torch._foreach_add_(steps, 1)
 
@@ -129,7 +134,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
     torch._foreach_sub_(steps, [skip] * len(steps))
 
 
-def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
+def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
     def kernel(params, directions, *buffers):
         torch._fused_sgd_(
             params,
@@ -147,3 +152,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         )
 
     _fused_step(bucket, coefficients, ("momentum_buffer",) if hp.momentum != 0 else (), kernel)
+
+
+_OPS = ops.register(name, _gram, _adamw, _sgd)
+gram, adamw, sgd = _OPS.gram, _OPS.adamw, _OPS.sgd

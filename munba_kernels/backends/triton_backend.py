@@ -10,7 +10,8 @@ on machines without a GPU.  Importing this module never fails: without triton th
 backend reports itself unavailable.
 
 Non-contiguous gradients are copied to their parameter's layout (one extra read and write
-of that gradient); parameters must be dense (contiguous up to a permutation of dims).
+of that gradient); a parameter that is a gapped view, or whose states are laid out
+differently, is updated through contiguous copies written back after the launch.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import os
 
 import torch
 
+from . import ops
+
+name = "triton"
+
 try:
     from . import triton_gram, triton_update
 
+    # Both passes as torch.library custom ops (see .ops), opaque to torch.compile.
+    _OPS = ops.register(name, triton_gram.gram, triton_update.adamw, triton_update.sgd)
     _IMPORT_ERROR = ""
 except ImportError as err:  # triton missing (or broken): report, never raise on import
     _IMPORT_ERROR = f"triton cannot be imported: {err}"
-
-name = "triton"
 
 
 def _interpreted() -> bool:
@@ -50,12 +55,12 @@ def supports(device: torch.device) -> bool:
 
 
 def gram(forget, preserve, device):
-    return triton_gram.gram(forget, preserve, device)
+    return _OPS.gram(forget, preserve, device)
 
 
 def adamw(bucket, coefficients, skip, hp):
-    triton_update.adamw(bucket, coefficients, skip, hp)
+    _OPS.adamw(bucket, coefficients, skip, hp)
 
 
 def sgd(bucket, coefficients, skip, hp):
-    triton_update.sgd(bucket, coefficients, skip, hp)
+    _OPS.sgd(bucket, coefficients, skip, hp)

@@ -12,6 +12,11 @@ Offsets are int64 all the way, so tensors with more than 2**31 elements are addr
 Both tables travel in one host→device copy from pinned memory (``non_blocking``: the
 host never waits for the device).  They are rebuilt on every call: building them costs
 O(n_tensors) Python work and can never go stale when tensors are reallocated.
+
+CUDA graphs: a copy issued while a stream is being captured is replayed from the same
+pinned host buffer on every replay, so those buffers are kept alive for the life of the
+process (:data:`_CAPTURED_HOST_BUFFERS`, a few hundred bytes per captured launch).  The
+addresses in them are the captured tensors', which a graph keeps fixed by design.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ except ImportError:  # the backend reports itself unavailable; nothing here is c
     TL_DTYPES = {}
 
 
+#: Pinned host tables read by captured CUDA graphs (see the module docstring).
+_CAPTURED_HOST_BUFFERS: list[Tensor] = []
+
+
 @dataclass(frozen=True)
 class Tables:
     tensors: Tensor  # int64 [n_tensors, n_cols] on the device
@@ -59,6 +68,8 @@ def build(rows: list[list[int]], numels: list[int], device: torch.device) -> Tab
         # Pinned + non_blocking: an asynchronous copy; torch's caching host allocator keeps
         # the pinned block alive until the copy has run.
         host = host.pin_memory()
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED_HOST_BUFFERS.append(host)  # every replay copies from it again
     flat = host.to(device, non_blocking=True)
     split = table.numel()
     return Tables(flat[:split].view(table.shape), flat[split:].view(-1, 2), len(owner))

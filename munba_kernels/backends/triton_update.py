@@ -8,6 +8,9 @@ fp32 (fp64 for fp64 parameters) with one rounding on store.  ``d`` is rounded on
 the gradient dtype before the rule, exactly what torch.optim would see as ``.grad``; this
 is a no-op for fp32 and keeps bf16/fp16 results identical in kind to the reference.
 
+States are stored in ``STATE`` (a constexpr): the parameter dtype, or fp32 for bf16/fp16
+parameters; the table carries only addresses, so nothing else changes.
+
 A missing gradient has address 0 in the table and its loads are masked off, so it costs
 no bandwidth (a zeros buffer would cost a read and memory as large as the largest tensor).
 When ``skip`` is 1.0 every chunk is empty: nothing is read or written.
@@ -16,7 +19,8 @@ reads its tensor's own count for the bias corrections (params added later may la
 
 Bytes moved per parameter (fp32; bf16/fp16 halve them):
 * AdamW: read g_f, g_r, p, m, v = 20 B, write p, m, v = 12 B → 32 B.  At H100's
-  ~3.35 TB/s: ~0.1 G params/ms, ~9.6 ms per 1e9 parameters (bf16: ~4.8 ms).
+  ~3.35 TB/s: ~0.1 G params/ms, ~9.6 ms per 1e9 parameters (bf16: ~4.8 ms; bf16 params
+  with fp32 states: read 2+2+2+4+4, write 2+4+4 = 24 B, ~7.2 ms).
 * SGD with momentum: read g_f, g_r, p, buf = 16 B, write p, buf = 8 B → 24 B (~7.2 ms
   per 1e9); without momentum 12 + 4 = 16 B.  On the first step the buffer is not read.
 A missing gradient saves its 4 B.  The unfused reference moves d through memory twice
@@ -40,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_tables
-from .base import AdamWHyper, SGDHyper, TensorBucket, is_dense
+from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -107,7 +111,7 @@ def _direction(row, offs, mask, coefficients, DTYPE: tl.constexpr, COMPUTE: tl.c
     return _round(c_f * g_f + c_r * g_r, DTYPE).to(COMPUTE)
 
 
-@triton.autotune(configs=_configs(), key=["DTYPE"])
+@triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
 @triton.jit
 def _adamw_kernel(
     tensors,  # int64 [n, 7]: p, g_f, g_r, exp_avg, exp_avg_sq, step addresses; numel
@@ -123,6 +127,7 @@ def _adamw_kernel(
     eps: tl.float64,
     weight_decay: tl.float64,
     DTYPE: tl.constexpr,
+    STATE: tl.constexpr,  # dtype of exp_avg / exp_avg_sq
     COMPUTE: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -135,8 +140,8 @@ def _adamw_kernel(
     start = tl.load(chunks + 2 * pid + 1)
     row = tensors + 7 * t
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(row + 4).to(tl.pointer_type(STATE))
     step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
     numel = tl.load(row + 6)
     # A skipped step ends every chunk at 0: no load or store is issued at all.
@@ -168,11 +173,11 @@ def _adamw_kernel(
         denom = _div(_sqrt(v, COMPUTE), bc2_sqrt, COMPUTE) + eps_c
         p = p - step_size * _div(m, denom, COMPUTE)
         tl.store(p_ptr + offs, _round(p, DTYPE), mask=mask)
-        tl.store(m_ptr + offs, _round(m, DTYPE), mask=mask)
-        tl.store(v_ptr + offs, _round(v, DTYPE), mask=mask)
+        tl.store(m_ptr + offs, _round(m, STATE), mask=mask)
+        tl.store(v_ptr + offs, _round(v, STATE), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["DTYPE"])
+@triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
 @triton.jit
 def _sgd_kernel(
     tensors,  # int64 [n, 5]: p, g_f, g_r, momentum_buffer addresses; numel
@@ -185,6 +190,7 @@ def _sgd_kernel(
     dampening: tl.float64,
     weight_decay: tl.float64,
     DTYPE: tl.constexpr,
+    STATE: tl.constexpr,  # dtype of momentum_buffer
     COMPUTE: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -201,7 +207,7 @@ def _sgd_kernel(
     start = tl.load(chunks + 2 * pid + 1)
     row = tensors + 5 * t
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    buf_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
+    buf_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
     numel = tl.load(row + 4)
     # A skipped step ends every chunk at 0: no load or store is issued at all.
     end = tl.where(tl.load(skip_ptr) == 0.0, numel, 0)
@@ -225,7 +231,7 @@ def _sgd_kernel(
             else:
                 buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
                 buf = mom * buf + keep * d
-            tl.store(buf_ptr + offs, _round(buf, DTYPE), mask=mask)
+            tl.store(buf_ptr + offs, _round(buf, STATE), mask=mask)
             if NESTEROV:
                 d = d + mom * buf
             else:
@@ -239,28 +245,26 @@ def _address(t: Tensor | None) -> int:
 
 
 def _rows(bucket: TensorBucket, state_keys: tuple[str | None, ...]):
-    """Table rows ``[p, g_f, g_r, *states]`` and sizes, plus tensors to keep alive.
+    """Table rows ``[p, g_f, g_r, *states]`` and sizes, tensors to keep alive, staged copies.
 
     A ``None`` state key is an unused column (address 0), so a kernel's row width is fixed.
+    A parameter that is not dense, or whose states have other strides, is updated through
+    contiguous copies (:func:`.base.stage_for_linear_walk`) that :func:`.base.copy_back`
+    writes back after the launch.
     """
+    elementwise = tuple(k for k in state_keys if k not in (None, "step"))
+    params, staged_states, staged = stage_for_linear_walk(bucket, elementwise)
+    by_key = dict(zip(elementwise, staged_states))
     rows, numels, keep_alive = [], [], []
-    for p, gf, gr, state in zip(bucket.params, bucket.forget, bucket.preserve, bucket.states):
+    for i, (p, gf, gr, state) in enumerate(zip(params, bucket.forget, bucket.preserve, bucket.states)):
         if p.numel() == 0:
             continue
-        if not is_dense(p):
-            raise ValueError(
-                f"the triton backend needs dense parameters (contiguous up to a permutation "
-                f"of dims); got shape {tuple(p.shape)} with strides {p.stride()}"
-            )
-        states = [None if k is None else state[k] for k in state_keys]
-        for key, s in zip(state_keys, states):
-            if s is not None and s.dim() and s.stride() != p.stride():
-                raise ValueError(f"state[{key!r}] has strides {s.stride()} but its parameter {p.stride()}")
+        states = [None if k is None else by_key[k][i] if k in by_key else state[k] for k in state_keys]
         grads = [None if g is None else triton_tables.laid_out_like(g, p) for g in (gf, gr)]
         keep_alive.extend(g for g in grads if g is not None)  # copies must outlive the launch
         rows.append([p.data_ptr(), *map(_address, grads), *map(_address, states)])
         numels.append(p.numel())
-    return rows, numels, keep_alive
+    return rows, numels, keep_alive, staged
 
 
 def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
@@ -271,11 +275,15 @@ def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, f
     return None, float(lr)
 
 
-def _kernel_dtypes(bucket: TensorBucket):
+def _kernel_dtypes(bucket: TensorBucket) -> dict:
+    """The DTYPE, STATE and COMPUTE constexprs of a bucket."""
     if bucket.dtype not in triton_tables.TL_DTYPES:
         raise TypeError(f"the triton backend does not support {bucket.dtype} parameters")
-    dtype = triton_tables.TL_DTYPES[bucket.dtype]
-    return dtype, tl.float64 if bucket.dtype == torch.float64 else tl.float32
+    return dict(
+        DTYPE=triton_tables.TL_DTYPES[bucket.dtype],
+        STATE=triton_tables.TL_DTYPES[bucket.state_dtype],
+        COMPUTE=tl.float64 if bucket.dtype == torch.float64 else tl.float32,
+    )
 
 
 def _log2(beta: float) -> float:
@@ -299,16 +307,20 @@ def _tune_on_scratch(kernel, state_keys, device: torch.device, launch_args: dict
         kernel,
         device,
         launch_args["DTYPE"],
+        launch_args["STATE"],
         *(a.dtype for a in launch_args.values() if isinstance(a, Tensor)),
     )
     if len(kernel.configs) == 1 or key in _TUNED:
         return
-    dtype = {v: k for k, v in triton_tables.TL_DTYPES.items()}[launch_args["DTYPE"]]
+    torch_dtype = {v: k for k, v in triton_tables.TL_DTYPES.items()}
 
     def scratch(column):
         if column == "step":
             return torch.ones((), dtype=torch.float32, device=device)
-        return None if column is None else torch.zeros(_SCRATCH_NUMEL, dtype=dtype, device=device)
+        if column is None:
+            return None
+        dtype = launch_args["DTYPE" if column in ("param", "forget", "preserve") else "STATE"]
+        return torch.zeros(_SCRATCH_NUMEL, dtype=torch_dtype[dtype], device=device)
 
     columns = [scratch(k) for k in ("param", "forget", "preserve", *state_keys)]
     tables = triton_tables.build([list(map(_address, columns))], [_SCRATCH_NUMEL], device)
@@ -322,13 +334,14 @@ def _tune_on_scratch(kernel, state_keys, device: torch.device, launch_args: dict
 
 
 def _launch(kernel, bucket: TensorBucket, state_keys: tuple[str | None, ...], launch_args: dict) -> None:
-    rows, numels, keep_alive = _rows(bucket, state_keys)
+    rows, numels, keep_alive, staged = _rows(bucket, state_keys)
     if not rows:
         return
     device = bucket.device
     _tune_on_scratch(kernel, state_keys, device, launch_args)
     tables = triton_tables.build(rows, numels, device)
     kernel[(tables.n_chunks,)](tables.tensors, tables.chunks, **launch_args)
+    copy_back(staged)
     del keep_alive  # only now may the gradient copies be freed
 
 
@@ -336,7 +349,6 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
     steps = bucket.state("step")
     # One foreach launch; a skipped step adds exactly 0.  The kernel reads the new counts.
     torch._foreach_add_(steps, 1.0 - skip)
-    dtype, compute = _kernel_dtypes(bucket)
     lr_ptr, lr = _lr_args(hp.lr, bucket.device)
     launch_args = dict(
         coefficients=coefficients,
@@ -349,8 +361,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
         log2_beta2=_log2(hp.beta2),
         eps=hp.eps,
         weight_decay=hp.weight_decay,
-        DTYPE=dtype,
-        COMPUTE=compute,
+        **_kernel_dtypes(bucket),
         LR_ON_DEVICE=lr_ptr is not None,
         MAXIMIZE=hp.maximize,
         CHUNK=triton_tables.CHUNK,
@@ -359,7 +370,6 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
 
 
 def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
-    dtype, compute = _kernel_dtypes(bucket)
     lr_ptr, lr = _lr_args(hp.lr, bucket.device)
     has_momentum = hp.momentum != 0
     launch_args = dict(
@@ -370,8 +380,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         momentum=hp.momentum,
         dampening=hp.dampening,
         weight_decay=hp.weight_decay,
-        DTYPE=dtype,
-        COMPUTE=compute,
+        **_kernel_dtypes(bucket),
         LR_ON_DEVICE=lr_ptr is not None,
         MAXIMIZE=hp.maximize,
         DECAY=hp.weight_decay != 0,

@@ -104,21 +104,23 @@ def test_gram_of_nothing_is_zero():
 
 
 # ----------------------------------------------------------------------- updates
-def make_bucket(dtype, rule, gf, gr, seed=1, first_step=False):
-    """Params with non-trivial states; AdamW step counts differ per param (added at
-    different times)."""
+def make_bucket(dtype, rule, gf, gr, seed=1, first_step=False, state_dtype=None):
+    """Params with non-trivial states (in ``state_dtype``, default the param dtype); AdamW
+    step counts differ per param (added at different times)."""
     gen = torch.Generator().manual_seed(seed)
+    sd = state_dtype or dtype
     params, states = [], []
     for i, s in enumerate(SHAPES):
         p = randn(s, dtype, gen)
         params.append(p)
+        zeros = torch.zeros_like(p, dtype=sd)
         if rule == "adamw":
             step = torch.tensor(float(3 * (i % 3)), device=DEVICE)
-            m = randn(s, dtype, gen, 0.1) if step > 0 else torch.zeros_like(p)
-            v = randn(s, dtype, gen, 0.1).square() if step > 0 else torch.zeros_like(p)
+            m = randn(s, sd, gen, 0.1) if step > 0 else zeros
+            v = randn(s, sd, gen, 0.1).square() if step > 0 else zeros.clone()
             states.append(dict(step=step, exp_avg=m, exp_avg_sq=v))
         else:
-            states.append(dict(momentum_buffer=torch.zeros_like(p) if first_step else randn(s, dtype, gen)))
+            states.append(dict(momentum_buffer=zeros if first_step else randn(s, sd, gen)))
     return TensorBucket(params, list(gf), list(gr), states, first_step)
 
 
@@ -210,6 +212,75 @@ def test_skip_writes_nothing(rule, dtype):
     assert_buckets_close(bucket, before, dtype, exact=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule, first_step", [("adamw", False), ("sgd", True), ("sgd", False)])
+def test_fp32_states_for_low_precision_params_match_reference(dtype, rule, first_step):
+    """bf16/fp16 params with fp32 states (``state_dtype=torch.float32``): the states keep
+    fp32 accuracy; first step, then later ones."""
+    gf, gr = gradients(dtype)
+    want = make_bucket(dtype, rule, gf, gr, first_step=first_step, state_dtype=torch.float32)
+    got = clone_bucket(want)
+    hp = (
+        AdamWHyper(1e-2, 0.8, 0.95, 1e-7, 1e-2, False)
+        if rule == "adamw"
+        else SGDHyper(1e-2, 0.9, 0.1, False, 5e-4, False)
+    )
+    run_steps(reference, want, rule, hp, COEFFICIENTS["bargained"])
+    run_steps(triton_backend, got, rule, hp, COEFFICIENTS["bargained"])
+    for a, b in zip(got.params, want.params):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    for sa, sb in zip(got.states, want.states):
+        for key in sb:
+            assert sa[key].dtype == sb[key].dtype == torch.float32
+            # Both round d to the gradient dtype first: fp32 states agree to fp32 accuracy.
+            torch.testing.assert_close(sa[key], sb[key], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("rule", ["adamw", "sgd"])
+def test_gapped_view_params_are_staged(rule):
+    """A parameter that is a strided view (and one whose state has other strides) is
+    updated through contiguous copies; the elements between stay untouched."""
+    gen = torch.Generator().manual_seed(9)
+    storage = randn((600,), torch.float32, gen)
+    gapped = storage[::3]  # 200 elements, stride 3
+    square = randn((12, 12), torch.float32, gen)
+    gf = [randn((200,), torch.float32, gen), randn((12, 12), torch.float32, gen)]
+    gr = [randn((200,), torch.float32, gen), None]
+    if rule == "adamw":
+        hp = AdamWHyper(1e-2, 0.9, 0.999, 1e-8, 1e-2, False)
+        states = [
+            dict(
+                step=torch.tensor(2.0, device=DEVICE),
+                exp_avg=randn((200,), torch.float32, gen, 0.1),
+                exp_avg_sq=randn((200,), torch.float32, gen, 0.1).square(),
+            ),
+            dict(
+                step=torch.tensor(1.0, device=DEVICE),
+                exp_avg=randn((12, 12), torch.float32, gen, 0.1).t(),
+                exp_avg_sq=randn((12, 12), torch.float32, gen, 0.1).square(),
+            ),
+        ]
+    else:
+        hp = SGDHyper(1e-2, 0.9, 0.0, True, 1e-2, False)
+        states = [
+            dict(momentum_buffer=randn((200,), torch.float32, gen)),
+            dict(momentum_buffer=randn((12, 12), torch.float32, gen).t()),
+        ]
+    got = TensorBucket([gapped, square], gf, gr, states)
+    want = TensorBucket(
+        [gapped.clone(), square.clone()],
+        gf,
+        gr,
+        [{k: v.clone(memory_format=torch.contiguous_format) for k, v in s.items()} for s in states],
+    )
+    between = [storage[1::3].clone(), storage[2::3].clone()]
+    run_steps(reference, want, rule, hp, COEFFICIENTS["bargained"], steps=2)
+    run_steps(triton_backend, got, rule, hp, COEFFICIENTS["bargained"], steps=2)
+    assert_buckets_close(got, want, torch.float32)
+    assert torch.equal(storage[::3], got.params[0])
+    assert torch.equal(storage[1::3], between[0]) and torch.equal(storage[2::3], between[1])
+
+
 def test_noncontiguous_gradient_is_paired_by_index():
     gen = torch.Generator().manual_seed(5)
     p = randn((6, 11), torch.float32, gen)
@@ -267,3 +338,32 @@ def test_optimizer_triton_matches_torch_backend(base, dtype, max_grad_norm):
     torch.testing.assert_close(opt_t.last_bargain.gram, opt_r.last_bargain.gram, rtol=1e-12, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+# ------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("rule", ["adamw", "sgd"])
+def test_passes_are_custom_ops_that_compile_without_graph_breaks(rule):
+    """fullgraph=True over both passes: the launchers (pointer tables, autotuning) stay
+    inside the munba::triton_* ops, which dynamo records as single nodes."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    hp = (
+        AdamWHyper(1e-2, 0.8, 0.95, 1e-7, 1e-2, False)
+        if rule == "adamw"
+        else SGDHyper(torch.tensor(1e-2, device=DEVICE), 0.9, 0.1, False, 5e-4, False)
+    )
+    gf, gr = gradients(torch.float32)
+
+    def passes(bucket):
+        gram = triton_backend.gram(bucket.forget, bucket.preserve, DEVICE)
+        coefficients = (gram[:2] / gram.sum().sqrt()).to(torch.float64)
+        getattr(triton_backend, rule)(bucket, coefficients, torch.zeros((), device=DEVICE), hp)
+        return gram
+
+    want = make_bucket(torch.float32, rule, gf, gr)
+    got = clone_bucket(want)
+    compiled = torch.compile(passes, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(got), passes(want), rtol=0, atol=0)
+    assert_buckets_close(got, want, torch.float32, exact=True)
