@@ -81,6 +81,27 @@ def test_both_passes_compile_into_one_graph(backend, base):
     assert not torch.equal(ours.params[0], bucket_of(torch.Generator().manual_seed(0), base).params[0])
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("op", ["gram", "adamw", "sgd"])
+def test_ops_pass_torch_library_opcheck(backend, op):
+    """torch's own checks: the declared mutations match what the op writes, the fake
+    implementation matches the real one, and AOT dispatch handles the op."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    forget = [torch.randn(5, 3, generator=gen), None]
+    preserve = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    states = [[torch.rand(p.shape, generator=gen) for p in params] for _ in range(2)]
+    common = (torch.tensor([0.3, 0.5], dtype=torch.float64), torch.zeros(()))
+    args = {
+        "gram": (forget, preserve, torch.device("cpu")),
+        "adamw": (params, forget, preserve, *states, [torch.tensor(0.0), torch.tensor(3.0)], *common)
+        + (None, 1e-2, 0.9, 0.999, 1e-8, 1e-2, False),
+        "sgd": (params, forget, preserve, states[0], *common)
+        + (torch.tensor(1e-2), 0.0, 0.9, 0.1, False, 0.0, True, False),
+    }[op]
+    torch.library.opcheck(getattr(torch.ops.munba, f"{backend}_{op}").default, args)
+
+
 def tiny_problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
