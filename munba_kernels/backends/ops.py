@@ -72,9 +72,11 @@ def register(name: str, gram: Callable, adamw: Callable, sgd: Callable) -> Simpl
         return None
 
     @torch.library.custom_op(f"munba::{name}_sgd", mutates_args=("params", "momentum_buffers"), schema=_SGD)
-    def sgd_op(params, forget, preserve, buffers, coefficients, skip, lr_tensor, lr, *hp_and_first):
+    def sgd_op(params, forget, preserve, momentum_buffers, coefficients, skip, lr_tensor, lr, *hp_and_first):
         *hp, first_step = hp_and_first
-        states = [dict(momentum_buffer=b) for b in buffers] if buffers else [{} for _ in params]
+        states = (
+            [dict(momentum_buffer=b) for b in momentum_buffers] if momentum_buffers else [{} for _ in params]
+        )
         bucket = TensorBucket(params, forget, preserve, states, first_step)
         sgd(bucket, coefficients, skip, SGDHyper(lr if lr_tensor is None else lr_tensor, *hp))
 
