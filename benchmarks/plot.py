@@ -17,6 +17,17 @@ from pathlib import Path
 
 from munba_kernels.evaluation.report import _pyplot
 
+# One colour per variant in every panel (the matplotlib cycle would shift when a row is missing).
+COLOURS = {
+    "naive-sum": "tab:blue",
+    "plain-ops": "tab:orange",
+    "plain-ops-compiled": "tab:olive",
+    "munba-torch": "tab:green",
+    "munba-cpp": "tab:red",
+    "munba-triton": "tab:purple",
+}
+RATIO_TICKS = (1, 1.5, 2, 3, 5, 10, 20, 50)
+
 
 def _sweep_panels(sweep: dict) -> dict[tuple, list[dict]]:
     panels: dict[tuple, list[dict]] = {}
@@ -36,11 +47,14 @@ def _plot_sweep_panel(ax, key: tuple, configs: list[dict]) -> None:
         ]
         if points:
             style = "-o" if variant.startswith("munba") else "--."
-            ax.plot(*zip(*points), style, label=variant, lw=2 if variant == "munba-cpp" else 1)
+            wide = variant in ("munba-cpp", "munba-triton")
+            ax.plot(*zip(*points), style, label=variant, color=COLOURS.get(variant), lw=2 if wide else 1)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(10 / 7, color="grey", lw=0.8, ls=":", label="bandwidth floor (40/28 B)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_yticks(RATIO_TICKS, [f"{t:g}×" for t in RATIO_TICKS])
+    ax.minorticks_off()
     ax.set_xlabel("parameters")
     ax.set_ylabel("step time / fused AdamW's")
     dtype, tensors, device = key
@@ -84,9 +98,13 @@ def plot_results(results: list[dict], path: str | Path) -> None:
             _plot_e2e_panel(ax, a)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # every variant any panel drew, once
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles = list(legend.values())
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 5), fontsize="small")
+        fig.legend(handles, list(legend), loc="lower center", ncols=min(len(legend), 4), fontsize="small")
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
