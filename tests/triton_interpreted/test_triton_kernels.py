@@ -305,7 +305,7 @@ def test_chunk_table_addresses_beyond_int32(monkeypatch):
 
 
 # ------------------------------------------------------------------ whole optimizer
-def train(backend, base, dtype, max_grad_norm, steps=5):
+def train(backend, base, dtype, max_grad_norm, steps=5, state_dtype=None):
     gen = torch.Generator().manual_seed(7)
     params = [torch.nn.Parameter(randn(s, dtype, gen)) for s in SHAPES]
     extra = dict(momentum=0.9, nesterov=True) if base == "sgd" else {}
@@ -316,6 +316,7 @@ def train(backend, base, dtype, max_grad_norm, steps=5):
         weight_decay=1e-2,
         max_grad_norm=max_grad_norm,
         backend=backend,
+        state_dtype=state_dtype,
         **extra,
     )
     for step in range(steps):
@@ -331,13 +332,19 @@ def train(backend, base, dtype, max_grad_norm, steps=5):
 
 
 @pytest.mark.parametrize("base", ["adamw", "sgd"])
-@pytest.mark.parametrize("dtype, max_grad_norm", [(torch.float32, None), (torch.bfloat16, 1.0)])
-def test_optimizer_triton_matches_torch_backend(base, dtype, max_grad_norm):
-    got, opt_t = train("triton", base, dtype, max_grad_norm)
-    want, opt_r = train("torch", base, dtype, max_grad_norm)
+@pytest.mark.parametrize(
+    "dtype, max_grad_norm, state_dtype",
+    [(torch.float32, None, None), (torch.bfloat16, 1.0, None), (torch.bfloat16, 1.0, torch.float32)],
+)
+def test_optimizer_triton_matches_torch_backend(base, dtype, max_grad_norm, state_dtype):
+    got, opt_t = train("triton", base, dtype, max_grad_norm, state_dtype=state_dtype)
+    want, opt_r = train("torch", base, dtype, max_grad_norm, state_dtype=state_dtype)
     torch.testing.assert_close(opt_t.last_bargain.gram, opt_r.last_bargain.gram, rtol=1e-12, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[dtype])
+        for key, value in opt_r.state[b].items():
+            assert opt_t.state[a][key].dtype == value.dtype == (state_dtype or value.dtype)
+            torch.testing.assert_close(opt_t.state[a][key], value, **TOL[state_dtype or dtype])
 
 
 # ------------------------------------------------------------------- torch.compile
