@@ -11,7 +11,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 from munba_kernels.drivers import ddpm, diffusion  # noqa: E402
-from munba_kernels.evaluation.generation import generation_scores, kernel_inception_distance  # noqa: E402
+from munba_kernels.evaluation import generation_scores, kernel_inception_distance  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from munba_kernels.evaluation import penultimate_features
-from munba_kernels.evaluation.generation import generation_scores, kernel_inception_distance, save_sample_grid
+from munba_kernels.evaluation import generation_scores, kernel_inception_distance, penultimate_features
+from munba_kernels.evaluation.generation import save_sample_grid
 from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace
 
 from . import data as datasets
