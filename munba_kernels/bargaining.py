@@ -95,7 +95,7 @@ class Bargain(NamedTuple):
     @property
     def skipped(self) -> Tensor:
         """Boolean tensor: the optimizer skipped this step (non-finite gradients)."""
-        return self.status == BargainStatus.NONFINITE
+        return self.status == int(BargainStatus.NONFINITE)  # int: torch.compile cannot compare with an IntEnum
 
 
 def validate_power(power: Sequence[float]) -> tuple[float, float]:

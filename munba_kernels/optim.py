@@ -133,8 +133,9 @@ class MUNBaOptimizer(Optimizer):
         self.opposition_tol = float(opposition_tol)
         self.nonfinite = nonfinite
         self.backend = backends.validate_name(backend)
-        self.last_bargain: Bargain | None = None
-        self._forget: dict[Tensor, Tensor] | None = None
+        # Per-step values live in a dict, not in attributes: torch.compile (2.14) drops
+        # attribute writes made inside an Optimizer's step, but keeps dict mutations.
+        self._step_data: dict[str, Any] = {"forget": None, "bargain": None}
         defaults = dict(
             lr=lr,
             base=base,
@@ -147,6 +148,10 @@ class MUNBaOptimizer(Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
+
+    @property
+    def last_bargain(self) -> Bargain | None:
+        return self._step_data["bargain"]
 
     @classmethod
     def paper_faithful(cls, params, lr: float = 0.01, **overrides) -> MUNBaOptimizer:
@@ -234,7 +239,7 @@ class MUNBaOptimizer(Optimizer):
         The tensors are moved, not copied: ``.grad`` is set to ``None`` so the next
         backward pass produces the preserve gradient.  Call exactly once per step.
         """
-        if self._forget is not None:
+        if self._step_data["forget"] is not None:
             raise RuntimeError(
                 "capture_forget() was already called for this step: call step() first, "
                 "or discard_forget() to drop the captured forget gradient"
@@ -246,11 +251,11 @@ class MUNBaOptimizer(Optimizer):
                     _check_grad(p, p.grad, "forget")
                     captured[p] = p.grad
                     p.grad = None
-        self._forget = captured
+        self._step_data["forget"] = captured
 
     def discard_forget(self) -> None:
         """Drop a captured forget gradient without stepping."""
-        self._forget = None
+        self._step_data["forget"] = None
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -259,15 +264,16 @@ class MUNBaOptimizer(Optimizer):
         losses = None
         if closure is not None:
             losses = self._backward_from_closure(closure)
-        if self._forget is None and self._initialising_state():
-            self._forget = {}  # torch.distributed.checkpoint's zero-lr step on zero gradients
-        if self._forget is None:
+        forget = self._step_data["forget"]
+        if forget is None and self._initialising_state():
+            forget = {}  # torch.distributed.checkpoint's zero-lr step on zero gradients
+        if forget is None:
             raise RuntimeError(
                 "step() needs the forget gradient first: run loss_f.backward(); "
                 "opt.capture_forget(); loss_r.backward(); opt.step(), or pass a closure "
                 "returning (forget_loss, preserve_loss)"
             )
-        forget, self._forget = self._forget, None
+        self._step_data["forget"] = None
         device = self._check_single_device()
         if device is None:
             return losses
@@ -297,7 +303,7 @@ class MUNBaOptimizer(Optimizer):
             opposition_tol=self.opposition_tol,
             max_norm=self.max_grad_norm,
         )
-        self.last_bargain = bargain
+        self._step_data["bargain"] = bargain
         if self.nonfinite == "raise" and bool(bargain.skipped):
             raise FloatingPointError(
                 "a forget or preserve gradient holds NaN/Inf (Gram entries "
@@ -326,7 +332,7 @@ class MUNBaOptimizer(Optimizer):
         return losses
 
     def _backward_from_closure(self, closure) -> tuple[Tensor, Tensor]:
-        if self._forget is not None:
+        if self._step_data["forget"] is not None:
             raise RuntimeError(
                 "step(closure) runs both backward passes itself, but capture_forget() was "
                 "already called: use one style or the other"
@@ -408,7 +414,7 @@ def _check_not_aliased(forget: Iterable[Tensor], preserve: Iterable[Tensor | Non
         ptrs = (distributed.local_tensor(g).untyped_storage().data_ptr() for g in grads if g is not None)
         return {ptr for ptr in ptrs if ptr}  # 0: meta or empty tensors, which hold no data
 
-    if storages(forget) & storages(preserve):
+    if not torch.compiler.is_compiling() and storages(forget) & storages(preserve):
         raise RuntimeError(
             "the preserve gradients were written into the memory of the captured forget "
             "gradients, which are therefore lost; no parameter was updated. This happens when "

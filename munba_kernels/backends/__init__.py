@@ -22,15 +22,20 @@ _OPTIONAL_MODULES = {"cpp": "cpp", "triton": "triton_backend"}
 _AUTO_PREFERENCE = {"cuda": "triton", "cpu": "cpp"}
 
 
+_loaded: dict[str, ModuleType | None] = {reference.name: reference}
+
+
 def _load(name: str) -> ModuleType | None:
-    if name == reference.name:
-        return reference
-    try:
-        return importlib.import_module(f"{__name__}.{_OPTIONAL_MODULES[name]}")
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith(__name__):
-            return None  # the backend's module is not part of this build
-        raise
+    """The backend's module (None: not part of this build), imported once: ``step()`` calls
+    this every time, and torch.compile cannot trace an import."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"{__name__}.{_OPTIONAL_MODULES[name]}")
+        except ModuleNotFoundError as err:
+            if not (err.name and err.name.startswith(__name__)):
+                raise
+            _loaded[name] = None
+    return _loaded[name]
 
 
 def available() -> list[str]:
