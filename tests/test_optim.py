@@ -152,7 +152,7 @@ def test_capture_forget_moves_without_copying_and_keeps_user_grads():
     p.grad = g
     opt.capture_forget()
     assert p.grad is None
-    assert opt._forget[p] is g  # the same tensor, moved not copied
+    assert opt._step_data["forget"][p] is g  # the same tensor, moved not copied
     pg = torch.ones(5)
     p.grad = pg
     opt.step()
