@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, 
 
 from . import data as datasets
 from . import parallel
+from .cache import cache_path, default_cache_dir, save_atomic
 from .models import MODELS, build_model, classifier_head
 from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
 
@@ -71,7 +70,7 @@ class Config:
     batch_size: int = 128
     device: str = "cpu"
     out: str = "runs/classify"
-    cache_dir: str = str(Path(os.environ.get("MUNBA_CACHE_DIR", Path.home() / ".cache" / "munba_kernels")))
+    cache_dir: str = field(default_factory=default_cache_dir)
     quick: bool = False
     progress: bool = True
     distributed: str | None = None
@@ -242,8 +241,7 @@ def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: in
         "n": len(data),
         **({"forget": split.forget_spec} if kind == "retrain" else {}),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cfg.cache_dir) / "classify" / f"{kind}-{cfg.dataset}-{cfg.model}-{digest}.pt"
+    path = cache_path(cfg.cache_dir, "classify", f"{kind}-{cfg.dataset}-{cfg.model}", key)
     torch.manual_seed(seed)
     model = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
     if path.exists():
@@ -262,10 +260,7 @@ def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: in
         progress=cfg.progress,
     )
     seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "seconds": seconds, "key": key}, tmp)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache entry
+    save_atomic({"state_dict": model.state_dict(), "seconds": seconds, "key": key}, path)
     return model, seconds
 
 
