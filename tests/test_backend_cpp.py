@@ -404,3 +404,26 @@ def test_auto_picks_cpp_on_cpu():
     from munba_kernels import backends
 
     assert backends.resolve("auto", torch.device("cpu")) is cpp
+
+
+def test_bf16_stores_round_to_nearest_even_like_torch():
+    """The bf16 kernels round with integer bit operations (so they vectorise); every bit must
+    match torch's float -> bf16 conversion: ties to even, ±inf and overflow included.  SGD with
+    lr 1 and d = g_r stores exactly bf16(fp32(p) − fp32(g))."""
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 16  # two chunks and a tail: every clone's main loop and remainder
+    p = (torch.randn(n + 37, generator=gen) * 10).bfloat16()
+    g = (torch.randn(n + 37, generator=gen) * 10).bfloat16()
+    # Differences exactly halfway between two bf16 values (spacing 2**-7 in [1, 2)): ties go to
+    # the even neighbour, down from 1 + 2**-8 and up from 1 + 3 * 2**-8, either sign.
+    p[:4] = torch.tensor([1.0, 1 + 2**-7, -1.0, -(1 + 2**-7)]).bfloat16()
+    g[:4] = torch.tensor([-(2**-8), -(2**-8), 2**-8, 2**-8]).bfloat16()
+    p[8:12] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38]).bfloat16()
+    expected = (p.float() - g.float()).bfloat16()
+    bucket = TensorBucket([p], [None], [g], [{}])
+    hp = SGDHyper(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    cpp.sgd(bucket, torch.tensor([0.0, 1.0], dtype=torch.float64), torch.zeros(()), hp)
+    # NaN payloads are not compared: torch's own vectorised and scalar conversions disagree on them.
+    assert torch.equal(p.isnan(), expected.isnan()) and p.isnan().sum() == 1
+    finite = ~expected.isnan()
+    assert torch.equal(p[finite].view(torch.int16), expected[finite].view(torch.int16))
