@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <optional>
 #include <type_traits>
@@ -214,7 +215,14 @@ using v4d = double __attribute__((vector_size(32)));
 
 template <typename T>
 inline v4d load4(const T* x) {
-  return v4d{load<double>(x[0]), load<double>(x[1]), load<double>(x[2]), load<double>(x[3])};
+  if constexpr (std::is_same_v<T, float>) {  // one vector load and one widening convert
+    using v4f = float __attribute__((vector_size(16)));
+    v4f v;
+    std::memcpy(&v, x, sizeof v);
+    return __builtin_convertvector(v, v4d);
+  } else {
+    return v4d{load<double>(x[0]), load<double>(x[1]), load<double>(x[2]), load<double>(x[3])};
+  }
 }
 
 template <typename T, bool kF, bool kR>
