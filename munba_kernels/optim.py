@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor  # data-less: no storage to compare
 from torch.optim import Optimizer
 
 from . import backends, distributed
@@ -411,7 +412,8 @@ def _check_not_aliased(forget: Iterable[Tensor], preserve: Iterable[Tensor | Non
     """
 
     def storages(grads):
-        ptrs = (distributed.local_tensor(g).untyped_storage().data_ptr() for g in grads if g is not None)
+        local = (distributed.local_tensor(g) for g in grads if g is not None)
+        ptrs = (t.untyped_storage().data_ptr() for t in local if not isinstance(t, FakeTensor))
         return {ptr for ptr in ptrs if ptr}  # 0: meta or empty tensors, which hold no data
 
     if not torch.compiler.is_compiling() and storages(forget) & storages(preserve):
