@@ -449,6 +449,19 @@ void with_state_type(at::ScalarType state_dtype, const Body& body) {
   body(T{});
 }
 
+// Calls body(kF, kR, p, f, r, n) for one update chunk: its slice of the parameter and of the
+// gradients (null when missing), with the gradients' presence as compile-time booleans.
+template <typename T, typename Body>
+void for_update_chunk(const Bucket& b, const Chunk& ch, const Body& body) {
+  const Tensor& f = b.forget[ch.tensor];
+  const Tensor& r = b.preserve[ch.tensor];
+  T* p = b.params[ch.tensor].data_ptr<T>() + ch.begin;
+  const T* fp = f.defined() ? f.const_data_ptr<T>() + ch.begin : nullptr;
+  const T* rp = r.defined() ? r.const_data_ptr<T>() + ch.begin : nullptr;
+  with_presence(fp != nullptr, rp != nullptr,
+                [&](auto kF, auto kR) { body(kF, kR, p, fp, rp, ch.end - ch.begin); });
+}
+
 // Per-tensor AdamW constants (bias corrections depend on the tensor's own step count).
 template <typename op_t>
 struct AdamTensorConsts {
@@ -524,19 +537,13 @@ void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const Op
       using state_t = decltype(state_tag);
       parallel_chunks(chunks, [&](int64_t c) {
         const Chunk& ch = chunks[c];
-        const Tensor& f = b.forget[ch.tensor];
-        const Tensor& r = b.preserve[ch.tensor];
-        const int64_t off = ch.begin;
-        scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
-        state_t* m = exp_avgs[ch.tensor].data_ptr<state_t>() + off;
-        state_t* v = exp_avg_sqs[ch.tensor].data_ptr<state_t>() + off;
-        const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
-        const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
-        with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
-          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t n, auto* m_, auto* v_) {
-            adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p_, m_, v_, f_, r_, n, k, per_tensor[ch.tensor]);
+        state_t* m = exp_avgs[ch.tensor].data_ptr<state_t>() + ch.begin;
+        state_t* v = exp_avg_sqs[ch.tensor].data_ptr<state_t>() + ch.begin;
+        for_update_chunk<scalar_t>(b, ch, [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n) {
+          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* m_, auto* v_) {
+            adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p_, m_, v_, f_, r_, len, k, per_tensor[ch.tensor]);
           };
-          on_chunk(run, ch.end - off, p, fp, rp, m, v);
+          on_chunk(run, n, p, fp, rp, m, v);
         });
       });
     });
@@ -597,22 +604,16 @@ void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptT
       using state_t = decltype(state_tag);
       parallel_chunks(chunks, [&](int64_t c) {
         const Chunk& ch = chunks[c];
-        const Tensor& f = b.forget[ch.tensor];
-        const Tensor& r = b.preserve[ch.tensor];
-        const int64_t off = ch.begin;
-        scalar_t* p = b.params[ch.tensor].data_ptr<scalar_t>() + off;
-        state_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<state_t>() + off : nullptr;
-        const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + off : nullptr;
-        const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + off : nullptr;
-        with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
-          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t n, auto* buf_) {
+        state_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<state_t>() + ch.begin : nullptr;
+        for_update_chunk<scalar_t>(b, ch, [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n) {
+          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* buf_) {
             if (has_momentum) {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, n, k);
+              sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, len, k);
             } else {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, n, k);
+              sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, len, k);
             }
           };
-          on_chunk(run, ch.end - off, p, fp, rp, buf);
+          on_chunk(run, n, p, fp, rp, buf);
         });
       });
     });
