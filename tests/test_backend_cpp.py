@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from buckets import clone_bucket
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
@@ -158,21 +159,6 @@ def make_bucket(dtype, base, seed, first_step=False, missing_f=(1, 4), missing_r
             state = {"momentum_buffer": rand(s, 0.5)}
         bucket.states.append(state)
     return bucket
-
-
-def clone_bucket(bucket, dtype=None):
-    """A deep copy (optionally cast to ``dtype``): params and states cloned, gradients cast."""
-
-    def cast(t):
-        return None if t is None else t.clone() if dtype is None else t.to(dtype, copy=True)
-
-    return TensorBucket(
-        params=[cast(p) for p in bucket.params],
-        forget=[cast(g) for g in bucket.forget],
-        preserve=[cast(g) for g in bucket.preserve],
-        states=[{k: (v.clone() if k == "step" else cast(v)) for k, v in s.items()} for s in bucket.states],
-        first_step=bucket.first_step,
-    )
 
 
 def assert_buckets_close(actual, expected, ulps, before):

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from buckets import clone_bucket
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
@@ -53,16 +54,6 @@ def make_bucket(dtype, base, seed, first_step=False):
                 {"momentum_buffer": torch.zeros(s) if first_step else rand(s, 0.5, torch.float32)}
             )
     return bucket
-
-
-def clone_bucket(b):
-    return TensorBucket(
-        [p.clone() for p in b.params],
-        b.forget,
-        b.preserve,
-        [{k: v.clone() for k, v in s.items()} for s in b.states],
-        b.first_step,
-    )
 
 
 def run(backend, base, bucket, skip=0.0):

@@ -7,6 +7,8 @@ stay small and the chunk size is lowered so that several tensors span many chunk
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ if not (INTERPRETED or torch.cuda.is_available()):
 from munba_kernels import MUNBaOptimizer  # noqa: E402
 from munba_kernels.backends import reference, triton_backend, triton_tables  # noqa: E402
 from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
+from buckets import clone_bucket  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -122,16 +127,6 @@ def make_bucket(dtype, rule, gf, gr, seed=1, first_step=False, state_dtype=None)
         else:
             states.append(dict(momentum_buffer=zeros if first_step else randn(s, sd, gen)))
     return TensorBucket(params, list(gf), list(gr), states, first_step)
-
-
-def clone_bucket(b):
-    return TensorBucket(
-        [p.clone() for p in b.params],
-        b.forget,
-        b.preserve,
-        [{k: v.clone() for k, v in s.items()} for s in b.states],
-        b.first_step,
-    )
 
 
 def assert_buckets_close(got, want, dtype, exact=False):
