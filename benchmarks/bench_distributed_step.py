@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_output import emit
 from torch import nn
 
 from munba_kernels import MUNBaOptimizer
@@ -151,12 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--device cuda needs {max(worlds)} GPUs, found {torch.cuda.device_count()}")
     numel, steps = (20_000, 2) if a.quick else (a.numel, a.steps)
     rows = run(numel, worlds, steps, a.device)
-    table = markdown(rows, a.device)
-    print(table)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
-    if a.markdown:
-        Path(a.markdown).write_text(table)
+    emit(rows, markdown(rows, a.device), a.out, a.markdown)
     return rows
 
 

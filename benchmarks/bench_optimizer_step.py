@@ -29,7 +29,6 @@ StepInputs and build_step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from functools import cached_property
 
 import torch
 from bench_memory import peak_extra_bytes, probe_in_subprocess, release_freed_memory
+from bench_output import emit
 
 from munba_kernels import MUNBaOptimizer, backends
 
@@ -326,14 +326,7 @@ def main(argv=None) -> dict:
         print(_memory_probe(args.memory_probe, numel, args.tensors, dtype, args.device))
         return {}
     result = run(numel, args.tensors, dtype, args.device, rounds, args.variants, memory=not args.no_memory)
-    table = markdown(result)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table)
+    emit(result, markdown(result), args.out, args.markdown)
     return result
 
 

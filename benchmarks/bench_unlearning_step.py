@@ -27,7 +27,6 @@ the model and its data (optimizer state included).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from bench_memory import peak_extra_bytes, probe_in_subprocess
+from bench_output import emit
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.drivers import ddpm
@@ -220,14 +220,7 @@ def main(argv=None) -> dict:
         times_s=times,
         extra_peak_bytes=memory,
     )
-    table = markdown(result)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table)
+    emit(result, markdown(result), args.out, args.markdown)
     return result
 
 
