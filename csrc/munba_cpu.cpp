@@ -1,8 +1,11 @@
 // Fused CPU kernels for MUNBaOptimizer's two passes (contract: munba_kernels/backends/base.py).
 //
 //   gram  : [ff, fr, rr] over all (g_f, g_r) pairs, accumulated in float64.
-//   adamw : one pass per tensor: d = c_f*g_f + c_r*g_r, then torch.optim.AdamW's update.
-//   sgd   : one pass per tensor: d = c_f*g_f + c_r*g_r, then torch.optim.SGD's update.
+//   adamw : one pass per tensor: d = c_f*(s_f*g_f) + c_r*(s_r*g_r), then torch.optim.AdamW's update.
+//   sgd   : one pass per tensor: the same d, then torch.optim.SGD's update.
+//
+// The s are powers of two that keep huge or tiny bargaining coefficients inside the math
+// type's range (backends/base.py: kernel_coefficients); s = 1 gives the same bits as c*g.
 //
 // The direction d lives only in registers, so the update reads g_f, g_r, p and the states
 // once and writes p and the states once, rounding once on store.  Math is in
@@ -387,15 +390,15 @@ Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, 
   return b;
 }
 
-// Host scalars read once per call: the coefficients [c_f, c_r] (float64) and the skip flag.
+// Host scalars read once per call: the coefficients [c_f, c_r, s_f, s_r] (float64) and the skip flag.
 struct Direction {
-  double cf, cr;
+  double cf, cr, sf, sr;
 };
 
 std::optional<Direction> read_direction(const Tensor& coefficients, const Tensor& skip, bool maximize) {
   TORCH_CHECK(coefficients.device().is_cpu() && coefficients.scalar_type() == at::kDouble &&
-                  coefficients.numel() == 2,
-              "munba_cpu: coefficients must be a 2-element float64 CPU tensor");
+                  coefficients.numel() == 4,
+              "munba_cpu: coefficients must be a 4-element float64 CPU tensor [c_f, c_r, s_f, s_r]");
   TORCH_CHECK(skip.device().is_cpu() && skip.numel() == 1, "munba_cpu: skip must be a 1-element CPU tensor");
   // As torch's fused optimizers' found_inf: exactly 1.0 skips the whole step.
   if (skip.item<float>() == 1.0f) {
@@ -406,18 +409,18 @@ std::optional<Direction> read_direction(const Tensor& coefficients, const Tensor
   // maximize (d = -d) is folded into the coefficients: negation is exact, so
   // (-c_f)*g_f + (-c_r)*g_r rounds to exactly -(c_f*g_f + c_r*g_r).
   const double sign = maximize ? -1.0 : 1.0;
-  return Direction{sign * cp[0], sign * cp[1]};
+  return Direction{sign * cp[0], sign * cp[1], cp[2], cp[3]};
 }
 
-// d = c_f*g_f + c_r*g_r in op_t, with the same operation order as the reference backend.
+// d = c_f*(s_f*g_f) + c_r*(s_r*g_r) in op_t, with the same operation order as the reference backend.
 template <bool kF, bool kR, typename op_t, typename T>
-inline op_t direction(const T* f, const T* r, int64_t i, op_t cf, op_t cr) {
+inline op_t direction(const T* f, const T* r, int64_t i, op_t cf, op_t cr, op_t sf, op_t sr) {
   if constexpr (kF && kR) {
-    return load<op_t>(f[i]) * cf + load<op_t>(r[i]) * cr;
+    return (load<op_t>(f[i]) * sf) * cf + (load<op_t>(r[i]) * sr) * cr;
   } else if constexpr (kF) {
-    return load<op_t>(f[i]) * cf;
+    return (load<op_t>(f[i]) * sf) * cf;
   } else {
-    return load<op_t>(r[i]) * cr;
+    return (load<op_t>(r[i]) * sr) * cr;
   }
 }
 
@@ -470,7 +473,7 @@ struct AdamTensorConsts {
 
 template <typename op_t>
 struct AdamConsts {
-  op_t cf, cr, lerp_weight, beta2, one_minus_beta2, eps;
+  op_t cf, cr, sf, sr, lerp_weight, beta2, one_minus_beta2, eps;
   bool lerp_from_grad;  // |1 - beta1| >= 0.5: torch's lerp then computes from the far end
 };
 
@@ -482,14 +485,15 @@ void adamw_chunk(T* p, S* m, S* v, const T* f, const T* r, int64_t n, const Adam
                  const AdamTensorConsts<op_t>& t) {
   // Constants are copied into locals: the stores below could alias `k` and `t` as far as the
   // compiler knows, which would force a reload each iteration and block vectorisation.
-  const op_t cf = k.cf, cr = k.cr, beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2, eps = k.eps;
+  const op_t cf = k.cf, cr = k.cr, sf = k.sf, sr = k.sr;
+  const op_t beta2 = k.beta2, one_minus_beta2 = k.one_minus_beta2, eps = k.eps;
   const op_t decay = t.decay, step_size = t.step_size, bc2_sqrt = t.bias_correction2_sqrt;
   // lerp(m, d, w) = m + w*(d - m), or d - (1 - w)*(d - m) for large w, as torch; both are
   // base + coeff*(d - m), with the base chosen by a select so the loop has no branch.
   const bool from_grad = k.lerp_from_grad;
   const op_t coeff = from_grad ? k.lerp_weight - op_t(1) : k.lerp_weight;
   for (int64_t i = 0; i < n; ++i) {
-    const op_t d = direction<kF, kR>(f, r, i, cf, cr);
+    const op_t d = direction<kF, kR>(f, r, i, cf, cr, sf, sr);
     const op_t param = load<op_t>(p[i]) * decay;
     const op_t m_old = load<op_t>(m[i]);
     const op_t m_new = (from_grad ? d : m_old) + coeff * (d - m_old);
@@ -519,8 +523,9 @@ void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const Op
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_adamw", [&] {
     using op_t = at::opmath_type<scalar_t>;
-    const AdamConsts<op_t> k{op_t(dir->cf), op_t(dir->cr), op_t(1 - beta1), op_t(beta2), op_t(1 - beta2),
-                             op_t(eps), std::abs(1 - beta1) >= 0.5};
+    const AdamConsts<op_t> k{op_t(dir->cf), op_t(dir->cr),    op_t(dir->sf),   op_t(dir->sr),
+                             op_t(1 - beta1), op_t(beta2),     op_t(1 - beta2), op_t(eps),
+                             std::abs(1 - beta1) >= 0.5};
     // Step counts advance first; bias corrections in double from the float32 count, as torch.
     std::vector<AdamTensorConsts<op_t>> per_tensor;
     for (const Tensor& s : steps) {
@@ -552,7 +557,7 @@ void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const Op
 
 template <typename op_t>
 struct SgdConsts {
-  op_t cf, cr, weight_decay, momentum, one_minus_dampening, lr;
+  op_t cf, cr, sf, sr, weight_decay, momentum, one_minus_dampening, lr;
   bool has_weight_decay, first_step, nesterov;
 };
 
@@ -562,11 +567,11 @@ template <bool kF, bool kR, bool kMomentum, typename T, typename S, typename op_
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void sgd_chunk(T* p, S* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
   // Locals, not k's fields: see adamw_chunk.
-  const op_t cf = k.cf, cr = k.cr, weight_decay = k.weight_decay, momentum = k.momentum;
+  const op_t cf = k.cf, cr = k.cr, sf = k.sf, sr = k.sr, weight_decay = k.weight_decay, momentum = k.momentum;
   const op_t one_minus_dampening = k.one_minus_dampening, lr = k.lr;
   const bool has_weight_decay = k.has_weight_decay, first_step = k.first_step, nesterov = k.nesterov;
   for (int64_t i = 0; i < n; ++i) {
-    op_t d = direction<kF, kR>(f, r, i, cf, cr);
+    op_t d = direction<kF, kR>(f, r, i, cf, cr, sf, sr);
     const op_t param = load<op_t>(p[i]);
     // A select rather than d + 0*p, which would turn an infinite parameter into NaN.
     d = has_weight_decay ? d + param * weight_decay : d;
@@ -581,36 +586,53 @@ void sgd_chunk(T* p, S* buf, const T* f, const T* r, int64_t n, const SgdConsts<
 }
 
 void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
-         const std::vector<Tensor>& momentum_buffers, const Tensor& coefficients, const Tensor& skip, double lr,
-         double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
-         bool first_step) {
+         const std::vector<Tensor>& momentum_buffers, const std::vector<Tensor>& steps, const Tensor& coefficients,
+         const Tensor& skip, double lr, double momentum, double dampening, bool nesterov, double weight_decay,
+         bool maximize) {
   const bool has_momentum = momentum != 0;
   std::vector<const std::vector<Tensor>*> states;
   if (has_momentum) {
     states.push_back(&momentum_buffers);
+    TORCH_CHECK(steps.size() == params.size(), "munba_cpu.sgd: ", params.size(), " params but ", steps.size(),
+                " step counts");
+    for (size_t i = 0; i < steps.size(); ++i) {
+      TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                  "munba_cpu.sgd: state['step'] of params[", i, "] must be a float32 CPU scalar tensor");
+    }
   }
   const Bucket b = make_bucket(params, forget, preserve, states);
   const std::optional<Direction> dir = read_direction(coefficients, skip, maximize);
   if (!dir) {
-    return;
+    return;  // skipped: nothing is written, step counts included
+  }
+  // A tensor's first step (torch's "buf is None" branch) is one whose count was 0: counted
+  // here, so that a skipped first step leaves the next one first.
+  std::vector<char> first(params.size(), 0);
+  for (size_t i = 0; i < steps.size() && has_momentum; ++i) {
+    float* count = steps[i].data_ptr<float>();
+    first[i] = *count == 0.0f;
+    *count += 1.0f;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_sgd", [&] {
     using op_t = at::opmath_type<scalar_t>;
-    const SgdConsts<op_t> k{op_t(dir->cf),     op_t(dir->cr),      op_t(weight_decay),
-                            op_t(momentum),    op_t(1 - dampening), op_t(lr),
-                            weight_decay != 0, first_step,          nesterov};
+    SgdConsts<op_t> k{op_t(dir->cf),     op_t(dir->cr),     op_t(dir->sf),       op_t(dir->sr),
+                      op_t(weight_decay), op_t(momentum),    op_t(1 - dampening), op_t(lr),
+                      weight_decay != 0,  false,             nesterov};
+    SgdConsts<op_t> k_first = k;
+    k_first.first_step = true;
     const std::vector<Chunk> chunks = split_into_chunks(b.numels);
     with_state_type<scalar_t>(b.state_dtype, [&](auto state_tag) {
       using state_t = decltype(state_tag);
       parallel_chunks(chunks, [&](int64_t c) {
         const Chunk& ch = chunks[c];
         state_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<state_t>() + ch.begin : nullptr;
+        const SgdConsts<op_t>& kc = first[ch.tensor] ? k_first : k;
         for_update_chunk<scalar_t>(b, ch, [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n) {
           auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* buf_) {
             if (has_momentum) {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, len, k);
+              sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, len, kc);
             } else {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, len, k);
+              sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, len, kc);
             }
           };
           on_chunk(run, n, p, fp, rp, buf);
@@ -633,7 +655,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("coefficients"), py::arg("skip"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), nogil);
   m.def("sgd", &sgd, "bargained SGD update, in place", py::arg("params"), py::arg("forget"),
-        py::arg("preserve"), py::arg("momentum_buffers"), py::arg("coefficients"), py::arg("skip"),
-        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
-        py::arg("weight_decay"), py::arg("maximize"), py::arg("first_step"), nogil);
+        py::arg("preserve"), py::arg("momentum_buffers"), py::arg("steps"), py::arg("coefficients"),
+        py::arg("skip"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("maximize"), nogil);
 }

@@ -20,8 +20,15 @@ invariant to rescaling either loss.
 
 Degenerate cases (the policy; each has a status code):
 
-* ``NONFINITE`` – a Gram entry is NaN/Inf (a gradient held NaN/Inf).  α = 0 and the
+* ``NONFINITE`` – a gradient holds NaN/Inf (a Gram entry is NaN/Inf).  α = 0 and the
   optimizer skips the whole step: no parameter or state changes.
+* ``OUT_OF_RANGE`` – the gradients are finite and non-zero, but a Gram entry left
+  float64's normal range (overflow to Inf, or a non-zero squared norm below the smallest
+  normal, where cos φ loses its precision).  Only float64 gradients can do this (norms
+  outside about [1.5e-154, 1.3e154]); fp32/bf16/fp16 squares always fit.  Skipped like
+  ``NONFINITE``, under its own name: the gradients are not NaN/Inf.  Telling the two apart
+  needs ``gradient_flags`` (the optimizer computes them for float64 gradients); from the
+  Gram alone an Inf entry counts as ``NONFINITE``.
 * ``BOTH_ZERO`` – both gradients are exactly zero.  α = 0, d = 0.
 * ``FORGET_ZERO`` / ``PRESERVE_ZERO`` – one gradient is exactly zero, so its player's
   utility ``g·d`` is 0 for every d and the bargaining problem is undefined.  The other
@@ -35,7 +42,14 @@ Degenerate cases (the policy; each has a status code):
   fixed weights (1, 0.1).
 * Gradients that are merely tiny or huge are *not* degenerate: the Gram is accumulated
   in float64, where every non-zero fp32/bf16/fp16 gradient has a non-zero square, and
-  the solution depends on the cosine alone.
+  the solution depends on the cosine alone.  The weights ``α = a/‖g‖`` (float64) can
+  then exceed fp32's range (a gradient of norm 1e-40 has α ≈ 1e40); the kernels apply
+  them scale-safely (:func:`munba_kernels.backends.base.kernel_coefficients`).
+
+Bargaining power: each ``w`` must lie in ``POWER_RANGE`` ([1e-150, 1e150]), so the
+quadratic's products ``w_f·w_r`` and ``(c·(w_r − w_f))²`` stay inside float64.  Only the
+ratio ``w_f / w_r`` shapes the direction; the sum sets ‖d‖² (the optimizer bounds it by
+the parameters' dtype when no clip is set).
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ __all__ = [
     "BargainStatus",
     "Bargain",
     "DEFAULT_OPPOSITION_TOL",
+    "POWER_RANGE",
     "bargaining_weights",
     "solve_bargain",
     "validate_power",
@@ -61,6 +76,9 @@ __all__ = [
 #: formed in fp32, where the bisector's relative rounding error is about
 #: ``eps_fp32 / sqrt(1 + cos φ)``: 1.2e-4 at this threshold.
 DEFAULT_OPPOSITION_TOL = 1e-6
+
+#: Admissible bargaining-power entries (see the module docstring).
+POWER_RANGE = (1e-150, 1e150)
 
 
 class BargainStatus(enum.IntEnum):
@@ -72,13 +90,15 @@ class BargainStatus(enum.IntEnum):
     BOTH_ZERO = 3
     OPPOSED = 4
     NONFINITE = 5
+    OUT_OF_RANGE = 6
+
+
+#: Statuses from this code up skip the optimizer step entirely.
+_FIRST_SKIPPING_STATUS = int(BargainStatus.NONFINITE)
 
 
 class Bargain(NamedTuple):
-    """Result of one bargain; every field is a device tensor (batched over ``...``).
-
-    ``coefficients`` are what multiplies the gradients: ``alpha`` times the clip scale.
-    """
+    """Result of one bargain; every field is a device tensor (batched over ``...``)."""
 
     alpha: Tensor  # [..., 2] (alpha_f, alpha_r), the Nash weights before any clipping
     cos: Tensor  # [...] cos φ between g_f and g_r (0 when a gradient is zero)
@@ -86,20 +106,16 @@ class Bargain(NamedTuple):
     status: Tensor  # [...] int32 BargainStatus codes
     direction_norm: Tensor  # [...] ‖d‖ before clipping
     clip_scale: Tensor  # [...] factor in (0, 1] applied by max_grad_norm (1 without clip)
-
-    @property
-    def coefficients(self) -> Tensor:
-        """``[..., 2]`` weights actually applied to ``(g_f, g_r)``: alpha × clip_scale."""
-        return self.alpha * self.clip_scale.unsqueeze(-1)
+    coefficients: Tensor  # [..., 2] weights actually applied to (g_f, g_r): alpha × clip_scale
 
     @property
     def skipped(self) -> Tensor:
-        """Boolean tensor: the optimizer skipped this step (non-finite gradients)."""
-        return self.status == int(BargainStatus.NONFINITE)  # int: torch.compile cannot compare with an IntEnum
+        """Boolean tensor: the optimizer skipped this step (``NONFINITE`` or ``OUT_OF_RANGE``)."""
+        return self.status >= _FIRST_SKIPPING_STATUS  # an int: torch.compile cannot compare with an IntEnum
 
 
 def validate_power(power: Sequence[float]) -> tuple[float, float]:
-    """Return ``power`` as two positive finite floats or raise a ``ValueError`` naming it."""
+    """Return ``power`` as two floats in :data:`POWER_RANGE` or raise a ``ValueError`` naming it."""
     try:
         w_f, w_r = (float(w) for w in power)
     except (TypeError, ValueError):
@@ -108,6 +124,12 @@ def validate_power(power: Sequence[float]) -> tuple[float, float]:
         ) from None
     if not (math.isfinite(w_f) and math.isfinite(w_r) and w_f > 0 and w_r > 0):
         raise ValueError(f"bargaining_power entries must be positive and finite, got {(w_f, w_r)!r}")
+    low, high = POWER_RANGE
+    if not (low <= w_f <= high and low <= w_r <= high):
+        raise ValueError(
+            f"bargaining_power entries must lie in [{low:g}, {high:g}] (only their ratio shapes the "
+            f"direction; their sum is ‖d‖²), got {(w_f, w_r)!r}"
+        )
     return w_f, w_r
 
 
@@ -122,12 +144,18 @@ def solve_bargain(
     *,
     opposition_tol: float = DEFAULT_OPPOSITION_TOL,
     max_norm: float | None = None,
+    gradient_flags: Tensor | None = None,
 ) -> Bargain:
     """Solve the two-player bargaining problem for Gram entries ``gram[..., :] = (ff, fr, rr)``.
 
     Returns a :class:`Bargain` whose tensors live on ``gram``'s device, computed in
     float64 (float32 on MPS).  ``max_norm`` adds a clip scale so that
     ``‖coefficients · (g_f, g_r)‖ ≤ max_norm``, using ``‖d‖`` known from the solve.
+
+    ``gradient_flags`` (optional, ``[..., 3]``): how many tensors hold a non-zero forget
+    gradient, a non-zero preserve gradient, and a NaN/Inf.  Without them zero and
+    non-finite gradients are read off the Gram, which is exact unless a float64 Gram
+    under- or overflowed (``OUT_OF_RANGE`` in the module docstring).
     """
     if gram.shape[-1:] != (3,):
         raise ValueError(f"gram must have shape [..., 3] = (ff, fr, rr), got {tuple(gram.shape)}")
@@ -138,15 +166,33 @@ def solve_bargain(
         raise ValueError(f"opposition_tol must be a finite number >= 0, got {opposition_tol!r}")
     if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
         raise ValueError(f"max_norm must be positive and finite or None, got {max_norm!r}")
+    if gradient_flags is not None and gradient_flags.shape != gram.shape:
+        raise ValueError(
+            f"gradient_flags must have the Gram's shape {tuple(gram.shape)}, got {tuple(gradient_flags.shape)}"
+        )
 
-    g = gram.to(_compute_dtype(gram))
+    dtype = _compute_dtype(gram)
+    g = gram.to(dtype)
     ff, fr, rr = g.unbind(-1)
-    finite = torch.isfinite(ff) & torch.isfinite(fr) & torch.isfinite(rr)
-    f_zero = ff <= 0  # a sum of squares: <= 0 means exactly zero
-    r_zero = rr <= 0
+    if gradient_flags is None:
+        finite = torch.isfinite(ff) & torch.isfinite(fr) & torch.isfinite(rr)
+        f_zero = ff <= 0  # a sum of squares: <= 0 means exactly zero
+        r_zero = rr <= 0
+    else:
+        nonzero_f, nonzero_r, nonfinite = gradient_flags.to(dtype).unbind(-1)
+        finite = nonfinite == 0
+        f_zero = nonzero_f == 0
+        r_zero = nonzero_r == 0
+    info = torch.finfo(dtype)
+
+    def representable(x: Tensor) -> Tensor:  # a normal number: false for 0, subnormals, Inf, NaN
+        return (x >= info.tiny) & (x <= info.max)
+
+    out_of_range = finite & ((~f_zero & ~representable(ff)) | (~r_zero & ~representable(rr)))
+    usable = finite & ~out_of_range
     nf = ff.clamp_min(0).sqrt()
     nr = rr.clamp_min(0).sqrt()
-    both = ~f_zero & ~r_zero
+    both = usable & ~f_zero & ~r_zero
     one = torch.ones_like(ff)
     # (fr / nf) / nr cannot overflow: |fr| <= nf·nr.
     cos = torch.where(both, (fr / torch.where(both, nf, one)) / torch.where(both, nr, one), 0.0)
@@ -157,16 +203,16 @@ def solve_bargain(
     cd = cos * (w_r - w_f)
     s = torch.sqrt(cd * cd + 4.0 * w_r * w_f)
     t = torch.where(cd <= 0, (s - cd) / (2.0 * w_r), (2.0 * w_f) / (cd + s))
-    ok = finite & both & ~opposed
+    ok = both & ~opposed
     b = torch.sqrt(w_r / torch.where(ok, 1.0 + cos * t, one))
-    safe_nf = torch.where(f_zero, one, nf)
-    safe_nr = torch.where(r_zero, one, nr)
+    safe_nf = torch.where(usable & ~f_zero, nf, one)
+    safe_nr = torch.where(usable & ~r_zero, nr, one)
     alpha_f = torch.where(ok, t * b / safe_nf, 0.0)
     alpha_r = torch.where(ok, b / safe_nr, 0.0)
     norm_sq = torch.where(ok, one * (w_f + w_r), 0.0)
 
-    solo_r = finite & f_zero & ~r_zero  # preserve player alone
-    solo_f = finite & r_zero & ~f_zero  # forget player alone
+    solo_r = usable & f_zero & ~r_zero  # preserve player alone
+    solo_f = usable & r_zero & ~f_zero  # forget player alone
     alpha_r = torch.where(solo_r, math.sqrt(w_r) / safe_nr, alpha_r)
     alpha_f = torch.where(solo_f, math.sqrt(w_f) / safe_nf, alpha_f)
     norm_sq = torch.where(solo_r, one * w_r, torch.where(solo_f, one * w_f, norm_sq))
@@ -175,25 +221,27 @@ def solve_bargain(
     for mask, code in (
         (solo_r, BargainStatus.FORGET_ZERO),
         (solo_f, BargainStatus.PRESERVE_ZERO),
-        (finite & f_zero & r_zero, BargainStatus.BOTH_ZERO),
-        (finite & opposed, BargainStatus.OPPOSED),
+        (usable & f_zero & r_zero, BargainStatus.BOTH_ZERO),
+        (opposed, BargainStatus.OPPOSED),
+        (out_of_range, BargainStatus.OUT_OF_RANGE),
         (~finite, BargainStatus.NONFINITE),
     ):
         status = torch.where(mask, int(code), status)
-    cos = torch.where(finite, cos, 0.0)
 
     norm = norm_sq.sqrt()
     if max_norm is None:
         clip = torch.ones_like(norm)
     else:
         clip = torch.where(norm > max_norm, max_norm / torch.where(norm > 0, norm, one), 1.0)
+    alpha = torch.stack([alpha_f, alpha_r], dim=-1)
     return Bargain(
-        alpha=torch.stack([alpha_f, alpha_r], dim=-1),
+        alpha=alpha,
         cos=cos,
         gram=g,
         status=status,
         direction_norm=norm,
         clip_scale=clip,
+        coefficients=alpha * clip.unsqueeze(-1),
     )
 
 

@@ -6,9 +6,11 @@ One step, for the parameters of *all* groups:
     → pass 1: Gram (ff, fr, rr) in float64 → α solved on the device (bargaining.py)
     → pass 2: d = α_f g_f + α_r g_r replaces the gradient in AdamW or SGD.
 
-The optimizer owns the bookkeeping (groups, state, validation); the passes live in
-``backends/``.  Nothing in ``step()`` reads a device value on the host unless
-``nonfinite="raise"`` asks for it.
+The optimizer owns the bookkeeping (groups, state); the rules it checks them against live
+in ``validation.py``, the passes in ``backends/``.  A step validates everything it will
+touch before it launches anything, so it either raises with nothing changed or runs to the
+end.  Nothing in ``step()`` reads a device value on the host unless ``nonfinite="raise"``
+asks for it (or on DCP's initialisation step, see :meth:`MUNBaOptimizer._is_dcp_initialisation`).
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor  # data-less: no storage to compare
 from torch.optim import Optimizer
 
-from . import backends, distributed
-from .backends.base import AdamWHyper, SGDHyper, TensorBucket
-from .bargaining import DEFAULT_OPPOSITION_TOL, Bargain, solve_bargain, validate_power
+from . import backends, distributed, validation
+from .backends.base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, kernel_coefficients
+from .bargaining import DEFAULT_OPPOSITION_TOL, Bargain, BargainStatus, solve_bargain, validate_power
 
 __all__ = ["MUNBaOptimizer"]
 
-_BASES = ("adamw", "sgd")
-_ADAMW_DEFAULT_WEIGHT_DECAY = 1e-2  # as torch.optim.AdamW
+#: Optimizer-wide settings (one Gram, one bargain per step): pickled with the optimizer.
+_SETTINGS = (
+    "state_dtype",
+    "gram_process_group",
+    "capturable",
+    "max_grad_norm",
+    "bargaining_power",
+    "opposition_tol",
+    "nonfinite",
+    "backend",
+)
 
 
 class MUNBaOptimizer(Optimizer):
@@ -58,14 +69,17 @@ class MUNBaOptimizer(Optimizer):
         max_grad_norm: clip ``‖d‖`` to this value.  ``‖d‖`` is known from the Gram
             entries (``sqrt(w_f + w_r)`` when non-degenerate), so clipping costs no pass.
             The clip is exact (no ``+1e-6`` as in ``clip_grad_norm_``).
-        bargaining_power: ``(w_f, w_r)``; α solves ``(GᵀG) α = w/α``.  Scaling either
-            *loss* never changes d; changing the power does.
+        bargaining_power: ``(w_f, w_r)``, each in [1e-150, 1e150]; α solves
+            ``(GᵀG) α = w/α``.  Scaling either *loss* never changes d; changing the power
+            does.  ‖d‖² = w_f + w_r, so the largest step (after ``max_grad_norm``) must fit
+            the parameters' dtype (``validation.step_norm_limit``: 16 for float16).
         opposition_tol: ``1 + cos φ`` at or below which the gradients count as opposed
             and d = 0 (see :mod:`munba_kernels.bargaining` for every degenerate case).
         nonfinite: ``"skip"`` (default) skips the step on the device when a gradient
-            holds NaN/Inf, leaving every parameter and state untouched, and records
-            ``BargainStatus.NONFINITE`` in :attr:`last_bargain`; ``"raise"`` raises
-            ``FloatingPointError`` instead (this reads one flag on the host per step).
+            holds NaN/Inf, leaving every parameter, state and step count untouched, and
+            records ``BargainStatus.NONFINITE`` in :attr:`last_bargain` (float64 gradients
+            too large or small for a float64 Gram: ``OUT_OF_RANGE``, skipped alike);
+            ``"raise"`` raises ``FloatingPointError`` instead (one host read per step).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else plain torch),
             or ``"torch"``, ``"cpp"``, ``"triton"`` to force one.
         state_dtype: ``None`` (default) keeps ``exp_avg``/``exp_avg_sq``/``momentum_buffer``
@@ -85,6 +99,13 @@ class MUNBaOptimizer(Optimizer):
         last_bargain: :class:`~munba_kernels.bargaining.Bargain` of the latest step
             (device tensors: alpha, cos, gram, status, direction_norm, clip_scale),
             or ``None`` before the first step.  Reading it does not synchronise.
+
+    ``zero_grad()`` also drops a captured forget gradient: it clears *all* gradients, so an
+    iteration that never reached ``step()`` (an AMP scaler skipping it, an exception) leaves
+    nothing behind for the next one.  ``state_dict()`` / ``load_state_dict()`` round-trip
+    exactly and a loaded state is validated like constructor arguments (torch.optim.AdamW
+    and SGD state dicts load too); ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)``
+    give working copies.
     """
 
     def __init__(
@@ -169,57 +190,30 @@ class MUNBaOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set)):
+            param_group = {**param_group, "params": list(params)}  # a generator is read once
+            validation.check_params(param_group["params"], f"param group {len(self.param_groups)}: ")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group)
+            self._validate_group(group, len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        base = group["base"]
-        if base not in _BASES:
-            raise ValueError(f"base must be one of {_BASES}, got {base!r}")
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        """Everything about one group, as at construction (also run on loaded groups)."""
+        where = f"param group {index}: " if index else ""
         if group["weight_decay"] is None:
-            group["weight_decay"] = _ADAMW_DEFAULT_WEIGHT_DECAY if base == "adamw" else 0.0
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"lr as a tensor must have one element, got shape {tuple(lr.shape)}")
-        elif not (isinstance(lr, (int, float)) and 0 <= lr < math.inf):
-            raise ValueError(f"lr must be a non-negative finite number, got {lr!r}")
-        wd = group["weight_decay"]
-        if not (isinstance(wd, (int, float)) and 0 <= wd < math.inf):
-            raise ValueError(f"weight_decay must be a non-negative finite number, got {wd!r}")
-        if base == "adamw":
-            b1, b2 = group["betas"]
-            if not (0 <= b1 < 1 and 0 <= b2 < 1):
-                raise ValueError(f"betas must lie in [0, 1), got {group['betas']!r}")
-            if not (0 <= group["eps"] < math.inf):
-                raise ValueError(f"eps must be a non-negative finite number, got {group['eps']!r}")
-            if group["momentum"] or group["dampening"] or group["nesterov"]:
-                raise ValueError(
-                    "momentum, dampening and nesterov apply to base='sgd' only (AdamW's momentum is betas[0])"
-                )
-        else:
-            mom, damp = group["momentum"], group["dampening"]
-            if not (0 <= mom < math.inf):
-                raise ValueError(f"momentum must be a non-negative number, got {mom!r}")
-            if not (0 <= damp <= 1):
-                raise ValueError(f"dampening must lie in [0, 1], got {damp!r}")
-            if group["nesterov"] and (mom <= 0 or damp != 0):
-                raise ValueError("nesterov requires momentum > 0 and dampening == 0 (as torch.optim.SGD)")
-        for i, p in enumerate(group["params"]):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if p.is_complex():
-                raise TypeError(
-                    f"params[{i}] has complex dtype {p.dtype}: MUNBaOptimizer supports real "
-                    "floating-point parameters only (view complex ones with torch.view_as_real)"
-                )
-            if not p.is_floating_point():
-                raise TypeError(f"params[{i}] has non-floating dtype {p.dtype}")
+            group["weight_decay"] = validation.ADAMW_DEFAULT_WEIGHT_DECAY if group["base"] == "adamw" else 0.0
+        validation.check_hyperparameters(group, where, read_tensor_lr=True)
+        validation.check_params(group["params"], where)
+        validation.check_step_norm(
+            self.bargaining_power,
+            self.max_grad_norm,
+            (self._state_dtype_for(p) for p in group["params"]),
+        )
         distributed.check_fsdp1(group["params"], self.gram_process_group)
         self._check_single_device()
 
@@ -233,23 +227,32 @@ class MUNBaOptimizer(Optimizer):
             )
         return next(iter(devices), None)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, and drops a captured forget gradient too (it is a gradient)."""
+        super().zero_grad(set_to_none)
+        self._step_data["forget"] = None
+
     # ------------------------------------------------------------ forget grads
     def capture_forget(self) -> None:
         """Take every parameter's current ``.grad`` as the forget gradient.
 
         The tensors are moved, not copied: ``.grad`` is set to ``None`` so the next
-        backward pass produces the preserve gradient.  Call exactly once per step.
+        backward pass produces the preserve gradient.  Call exactly once per step;
+        ``zero_grad()`` or ``discard_forget()`` drop a capture that will not be stepped.
         """
         if self._step_data["forget"] is not None:
             raise RuntimeError(
                 "capture_forget() was already called for this step: call step() first, "
-                "or discard_forget() to drop the captured forget gradient"
+                "or zero_grad() / discard_forget() to drop the captured forget gradient"
             )
         captured: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     _check_grad(p, p.grad, "forget")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
                     captured[p] = p.grad
                     p.grad = None
         self._step_data["forget"] = captured
@@ -261,26 +264,58 @@ class MUNBaOptimizer(Optimizer):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], tuple[Tensor, Tensor]] | None = None):
-        """One bargained step.  Returns ``(forget_loss, preserve_loss)`` when given a closure."""
+        """One bargained step.  Returns ``(forget_loss, preserve_loss)`` when given a closure.
+
+        Everything the step will touch is validated first (groups, gradients, states); an
+        error leaves every parameter, state and step count as it was, and keeps the capture.
+        """
         losses = None
         if closure is not None:
             losses = self._backward_from_closure(closure)
         forget = self._step_data["forget"]
-        if forget is None and self._initialising_state():
+        if forget is None and self._is_dcp_initialisation():
             forget = {}  # torch.distributed.checkpoint's zero-lr step on zero gradients
         if forget is None:
             raise RuntimeError(
                 "step() needs the forget gradient first: run loss_f.backward(); "
                 "opt.capture_forget(); loss_r.backward(); opt.step(), or pass a closure "
-                "returning (forget_loss, preserve_loss)"
+                "returning (forget_loss, preserve_loss) (zero_grad() also drops a capture)"
             )
-        self._step_data["forget"] = None
         device = self._check_single_device()
         if device is None:
+            self._step_data["forget"] = None
             return losses
+        per_group = self._present_tensors(forget)
+        _check_not_aliased(forget.values(), [gr for _, _, present in per_group for _, _, gr in present])
+        backend = backends.resolve(self.backend, device)
+        self._validate_step(per_group)
+        self._step_data["forget"] = None
 
-        per_group = []  # (group, [(param, g_f, g_r), ...]) for parameters with any gradient
-        for group in self.param_groups:
+        gram, flags = self._global_gram(backend, device, [t for _, _, present in per_group for t in present])
+        bargain = solve_bargain(
+            gram,
+            self.bargaining_power,
+            opposition_tol=self.opposition_tol,
+            max_norm=self.max_grad_norm,
+            gradient_flags=flags,
+        )
+        self._step_data["bargain"] = bargain
+        if self.nonfinite == "raise" and bool(bargain.skipped):
+            raise FloatingPointError(_skip_message(bargain))
+        skip = bargain.skipped.to(torch.float32)
+        coefficients: dict[torch.dtype, Tensor] = {}
+        for update, hp, buckets in self._launches(per_group, backend):
+            for bucket in buckets:
+                math_dtype = compute_dtype(bucket.dtype)
+                if math_dtype not in coefficients:
+                    coefficients[math_dtype] = kernel_coefficients(bargain.coefficients, math_dtype)
+                update(bucket, coefficients[math_dtype], skip, hp)
+        return losses
+
+    def _present_tensors(self, forget: dict[Tensor, Tensor]) -> list:
+        """``(index, group, [(param, g_f, g_r), ...])`` for the parameters with any gradient."""
+        per_group = []
+        for index, group in enumerate(self.param_groups):
             present = []
             for p in group["params"]:
                 gf, gr = forget.get(p), p.grad
@@ -289,31 +324,28 @@ class MUNBaOptimizer(Optimizer):
                 if gf is not None or gr is not None:
                     present.append((p, gf, gr))
             if present:
-                per_group.append((group, present))
-        _check_not_aliased(forget.values(), [gr for _, present in per_group for _, _, gr in present])
+                per_group.append((index, group, present))
+        return per_group
 
-        backend = backends.resolve(self.backend, device)
-        gram = distributed.global_gram(
-            lambda forget, preserve: backend.gram(forget, preserve, device),
-            [triple for _, present in per_group for triple in present],
-            self.gram_process_group,
-        )
-        bargain = solve_bargain(
-            gram,
-            self.bargaining_power,
-            opposition_tol=self.opposition_tol,
-            max_norm=self.max_grad_norm,
-        )
-        self._step_data["bargain"] = bargain
-        if self.nonfinite == "raise" and bool(bargain.skipped):
-            raise FloatingPointError(
-                "a forget or preserve gradient holds NaN/Inf (Gram entries "
-                f"{bargain.gram.tolist()}); no parameter was updated"
-            )
-        coefficients = bargain.coefficients
-        skip = bargain.skipped.to(torch.float32)
+    def _validate_step(self, per_group: list) -> None:
+        """The groups' settings and the existing states as they stand now (both may have been
+        edited since they were last checked), before anything is created or updated."""
+        for index, group, present in per_group:
+            where = f"param group {index}: " if index else ""
+            validation.check_hyperparameters(group, where)
+            for p, _, _ in present:
+                state = self.state.get(p)
+                if state:
+                    try:
+                        validation.check_state(p, state, group, self._state_dtype_for(p))
+                    except (ValueError, TypeError) as err:
+                        i = next(i for i, q in enumerate(group["params"]) if q is p)
+                        raise type(err)(f"param group {index}, params[{i}]: {err}; no parameter was updated") from None
 
-        for group, present in per_group:
+    def _launches(self, per_group: list, backend) -> list:
+        """``[(update, hyper, buckets), ...]``, creating the states that do not exist yet."""
+        launches = []
+        for _, group, present in per_group:
             if group["base"] == "adamw":
                 b1, b2 = group["betas"]
                 update = backend.adamw
@@ -328,9 +360,43 @@ class MUNBaOptimizer(Optimizer):
                     group["weight_decay"],
                     group["maximize"],
                 )
-            for bucket in self._buckets(group, present):
-                update(bucket, coefficients, skip, hp)
-        return losses
+            launches.append((update, hp, self._buckets(group, present)))
+        return launches
+
+    def _global_gram(self, backend, device, triples: list) -> tuple[Tensor, Tensor | None]:
+        """The Gram over all shards, and, when float64 gradients take part, the flags that
+        tell zero and NaN/Inf gradients apart from a float64 Gram that under- or overflowed
+        (:func:`~munba_kernels.bargaining.solve_bargain`).  Other dtypes square exactly into
+        float64, so their Gram tells both by itself and costs nothing more."""
+        if not any(p.dtype == torch.float64 for p, _, _ in triples):
+            gram = distributed.global_gram(
+                lambda forget, preserve: backend.gram(forget, preserve, device), triples, self.gram_process_group
+            )
+            return gram, None
+
+        def gram_and_flags(forget: list, preserve: list) -> Tensor:
+            pairs = list(zip(forget, preserve))
+            wide = [pair for pair in pairs if _dtype_of(pair) == torch.float64]
+            rest = [pair for pair in pairs if _dtype_of(pair) != torch.float64]
+            total = torch.zeros(6, dtype=torch.float64, device=device)
+            if rest:
+                g = backend.gram([f for f, _ in rest], [r for _, r in rest], device)
+                finite = torch.isfinite(g).all()
+                total = total + torch.cat([g, torch.stack([g[0] > 0, g[2] > 0, ~finite]).to(torch.float64)])
+            if wide:
+                g = backend.gram([f for f, _ in wide], [r for _, r in wide], device)
+                flags = []
+                for grads in ([f for f, _ in wide], [r for _, r in wide]):
+                    grads = [t for t in grads if t is not None and t.numel()]  # empty shards: nothing to see
+                    amax = torch.stack(torch._foreach_norm(grads, math.inf)) if grads else torch.zeros(1)
+                    flags.append(amax.to(device=device, dtype=torch.float64))
+                nonzero = [(amax > 0).sum() for amax in flags]
+                nonfinite = sum((~torch.isfinite(amax)).sum() for amax in flags)
+                total = total + torch.cat([g, torch.stack([*nonzero, nonfinite]).to(torch.float64)])
+            return total
+
+        total = distributed.global_gram(gram_and_flags, triples, self.gram_process_group)
+        return total[:3], total[3:]
 
     def _backward_from_closure(self, closure) -> tuple[Tensor, Tensor]:
         if self._step_data["forget"] is not None:
@@ -351,12 +417,20 @@ class MUNBaOptimizer(Optimizer):
             preserve_loss.backward()
         return forget_loss.detach(), preserve_loss.detach()
 
-    def _initialising_state(self) -> bool:
-        """Whether this is the zero-lr step ``torch.distributed.checkpoint`` takes on a fresh
-        optimizer to create its states (before loading them): then the forget gradient is
-        taken as zero, which makes the step change nothing but the step counters, as torch's
-        optimizers do.  Any other step without ``capture_forget()`` is an error."""
-        return not self.state and all(float(group["lr"]) == 0 for group in self.param_groups)
+    def _is_dcp_initialisation(self) -> bool:
+        """Whether this step is the one ``torch.distributed.checkpoint`` takes on a fresh
+        optimizer to create its states before loading them: no state yet, every lr 0, and
+        every trainable parameter holding an all-zero ``.grad`` (DCP sets them).  The forget
+        gradient is then taken as zero, which changes nothing but the step counters, as in
+        torch's optimizers.  Checking the zeros reads the gradients on the host — only
+        here, on a step that would otherwise be an error.  Any other step without
+        ``capture_forget()`` (a scheduler warming up from lr 0, say) raises."""
+        if self.state or any(float(group["lr"]) != 0 for group in self.param_groups):
+            return False
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params or any(p.grad is None for p in params):
+            return False
+        return not any(bool(distributed.local_tensor(p.grad).any()) for p in params)
 
     def _buckets(self, group: dict[str, Any], present: list) -> list[TensorBucket]:
         """Initialise state lazily and split a group's tensors into fused-launch buckets."""
@@ -366,13 +440,14 @@ class MUNBaOptimizer(Optimizer):
             first = not state
             if first:
                 like = dict(memory_format=torch.preserve_format, dtype=self._state_dtype_for(p))
-                if group["base"] == "adamw":
+                keys = validation.expected_state_keys(group)
+                if keys:
+                    # The step count lives on the device, so a skipped step adds 0 without a sync.
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, **like)
-                    state["exp_avg_sq"] = torch.zeros_like(p, **like)
-                elif group["momentum"] != 0:
-                    # Zero buffer + is_first_step: the fused kernel sets it to d, as torch does.
-                    state["momentum_buffer"] = torch.zeros_like(p, **like)
+                for key in keys:
+                    if key != "step":
+                        # For SGD: a zero buffer + a count of 0 is a first step: the kernel sets it to d.
+                        state[key] = torch.zeros_like(p, **like)
             moment = state.get("exp_avg", state.get("momentum_buffer"))
             key = (p.device, p.dtype, None if moment is None else moment.dtype, first and group["base"] == "sgd")
             bucket = buckets.setdefault(key, TensorBucket(first_step=key[3]))
@@ -388,18 +463,74 @@ class MUNBaOptimizer(Optimizer):
 
     # --------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but floating states take this optimizer's state dtype (torch's would
-        cast them to the parameter dtype, rounding fp32 moments of bf16 parameters)."""
+        """As torch's, validated like constructor arguments, and all-or-nothing: a state dict
+        with a wrong key, shape, dtype, hyperparameter or a non-finite moment raises and
+        leaves this optimizer as it was.  torch.optim.AdamW / SGD state dicts load too
+        (missing MUNBa keys keep this optimizer's values).  Floating states take this
+        optimizer's state dtype (torch's would cast them to the parameter dtype, rounding
+        fp32 moments of bf16 parameters)."""
+        previous_state, previous_groups = self.state, self.param_groups
+        previous_hyper = [{k: v for k, v in g.items() if k != "params"} for g in previous_groups]
         super().load_state_dict(state_dict)
+        try:
+            self._adopt_loaded(state_dict, previous_hyper)
+        except Exception:
+            self.state, self.param_groups = previous_state, previous_groups
+            raise
+
+    def _adopt_loaded(self, state_dict: dict[str, Any], previous_hyper: list[dict]) -> None:
         saved_state = state_dict["state"]
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            for p, index in zip(group["params"], saved_group["params"]):
-                st = self.state.get(p)
-                for key, value in saved_state.get(index, {}).items():
-                    if key == "step":  # fused kernels keep the step count on the device
+        known = {index for saved in state_dict["param_groups"] for index in saved["params"]}
+        stray = sorted(set(saved_state) - known, key=str)
+        if stray:
+            raise ValueError(f"the loaded state has entries for parameters no group holds: {stray}")
+        entries = []  # (key, tensor) pairs whose values are checked with one host read
+        for index, (group, saved_group) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            where = f"loaded param group {index}: "
+            validation.normalise_loaded_group(group, previous_hyper[index], where)
+            self._validate_group(group, index)
+            for i, (p, saved_index) in enumerate(zip(group["params"], saved_group["params"])):
+                if p not in self.state:
+                    continue
+                st = validation.normalise_loaded_state(self.state[p], group, p, f"{where}params[{i}]: ")
+                for key, value in saved_state.get(saved_index, {}).items():
+                    if key == "step" and isinstance(value, Tensor):  # fused kernels keep the count on the device
                         st[key] = value.to(device=p.device, dtype=torch.float32)
                     elif isinstance(value, Tensor) and value.is_floating_point():
                         st[key] = value.to(device=p.device, dtype=self._state_dtype_for(p))
+                try:
+                    validation.check_state(p, st, group, self._state_dtype_for(p))
+                except (ValueError, TypeError) as err:
+                    raise type(err)(f"{where}params[{i}]: {err}") from None
+                self.state[p] = st
+                entries.extend((k, distributed.local_tensor(v)) for k, v in st.items())
+        if entries and not bool(validation.state_values_are_sound(entries)):
+            raise ValueError(
+                "the loaded state holds NaN/Inf moments or step counts, or a negative exp_avg_sq "
+                "or step: it would corrupt every parameter it touches"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups: copies would lose the settings.
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in _SETTINGS})
+        state["_step_data"] = self._step_data
+        return state
+
+
+def _dtype_of(pair: tuple[Tensor | None, Tensor | None]) -> torch.dtype:
+    return (pair[0] if pair[0] is not None else pair[1]).dtype
+
+
+def _skip_message(bargain: Bargain) -> str:
+    entries = bargain.gram.tolist()
+    if int(bargain.status) == BargainStatus.OUT_OF_RANGE:
+        return (
+            f"the float64 gradients are finite, but their Gram entries {entries} leave float64's "
+            "range (gradient norms outside about [1.5e-154, 1.3e154]); no parameter was updated. "
+            "Rescale the losses (the bargained direction does not depend on their scale)"
+        )
+    return f"a forget or preserve gradient holds NaN/Inf (Gram entries {entries}); no parameter was updated"
 
 
 def _check_not_aliased(forget: Iterable[Tensor], preserve: Iterable[Tensor | None]) -> None:

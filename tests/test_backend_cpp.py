@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from buckets import clone_bucket
+from buckets import clone_bucket, coefficients_for, sgd_state
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
@@ -156,7 +156,7 @@ def make_bucket(dtype, base, seed, first_step=False, missing_f=(1, 4), missing_r
                 "exp_avg_sq": rand(s, 0.1).abs() if i % 3 else torch.zeros(s, dtype=dtype),
             }
         else:
-            state = {"momentum_buffer": rand(s, 0.5)}
+            state = sgd_state(rand(s, 0.5), first_step)
         bucket.states.append(state)
     return bucket
 
@@ -197,7 +197,7 @@ CASES = [("adamw", name) for name in ADAMW] + [("sgd", name) for name in SGD]
 
 
 def run_update(backend, base, bucket, coefficients, skip, hp):
-    coefficients = torch.tensor(coefficients, dtype=torch.float64)
+    coefficients = coefficients_for(coefficients, bucket.dtype)
     getattr(backend, base)(bucket, coefficients, torch.tensor(float(skip)), hp)
 
 
@@ -226,6 +226,8 @@ def test_update_matches_reference(dtype, coefficients, base, config, first_step)
         run_update(cpp, base, ours, c, 0.0, hp)
         run_update(reference, base, exact, c, 0.0, hp)
         run_update(reference, base, theirs, c, 0.0, hp)
+        for bucket in (ours, exact, theirs):  # the counts have moved on: no longer a first step
+            bucket.first_step = False
     assert_buckets_close(ours, exact, ULPS if dtype in (torch.float32, torch.float64) else 1, before)
     assert_buckets_close(ours, theirs, ULPS, before)
     # gradients are read, never written
@@ -274,7 +276,7 @@ def test_noncontiguous_gradients_and_channels_last_params(base):
         if base == "adamw":
             ours.states.append({"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()})
         else:
-            ours.states.append({"momentum_buffer": like.normal_(generator=gen)})
+            ours.states.append(sgd_state(like.normal_(generator=gen), False))
     theirs, before = clone_bucket(ours), clone_bucket(ours)
     for grads in (theirs.forget, theirs.preserve):
         grads[:] = [None if g is None else torch.empty_like(p).copy_(g) for g, p in zip(grads, theirs.params)]
@@ -297,7 +299,7 @@ def test_gapped_view_params_are_updated_through_a_copy(base):
     if base == "adamw":
         bucket.states.append({"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()})
     else:
-        bucket.states.append({"momentum_buffer": like})
+        bucket.states.append(sgd_state(like, True))
     theirs, before = clone_bucket(bucket), clone_bucket(bucket)  # contiguous copies
     gaps = storage[1::2].clone()
     run_update(cpp, base, bucket, COEFFICIENTS["typical"], 0.0, hp)
@@ -408,7 +410,7 @@ def test_bf16_stores_round_to_nearest_even_like_torch():
     expected = (p.float() - g.float()).bfloat16()
     bucket = TensorBucket([p], [None], [g], [{}])
     hp = SGDHyper(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
-    cpp.sgd(bucket, torch.tensor([0.0, 1.0], dtype=torch.float64), torch.zeros(()), hp)
+    cpp.sgd(bucket, coefficients_for([0.0, 1.0], torch.bfloat16), torch.zeros(()), hp)
     # NaN payloads are not compared: torch's own vectorised and scalar conversions disagree on them.
     assert torch.equal(p.isnan(), expected.isnan()) and p.isnan().sum() == 1
     finite = ~expected.isnan()

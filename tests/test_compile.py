@@ -16,11 +16,12 @@ skipped while compiling.  ``zero_grad()`` is torch's and dynamo refuses to trace
 
 import pytest
 import torch
+from buckets import sgd_state
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
-from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket
+from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket, kernel_coefficients
 from munba_kernels.bargaining import BargainStatus, solve_bargain
 
 requires_cpp = pytest.mark.skipif(not cpp.is_available(), reason=cpp.unavailable_reason() or "built")
@@ -43,7 +44,7 @@ def bucket_of(gen, base):
     if base == "adamw":
         states = [dict(step=torch.tensor(0.0), exp_avg=p * 0, exp_avg_sq=p * 0) for p in params]
     else:
-        states = [dict(momentum_buffer=p * 0) for p in params]
+        states = [sgd_state(p * 0, first_step=True) for p in params]
     return TensorBucket(params, forget, preserve, states, first_step=base == "sgd")
 
 
@@ -63,7 +64,7 @@ def test_both_passes_compile_into_one_graph(backend, base):
         bargain = solve_bargain(gram, (1.0, 1.0), max_norm=1.0)
         # Not bargain.skipped: dynamo mis-traces ``tensor == IntEnum member`` (module doc).
         skip = (bargain.status == int(BargainStatus.NONFINITE)).to(torch.float32)
-        getattr(backend, base)(bucket, bargain.coefficients, skip, hp)
+        getattr(backend, base)(bucket, kernel_coefficients(bargain.coefficients, torch.float32), skip, hp)
         return gram
 
     compiled = torch.compile(passes, fullgraph=True, backend="aot_eager")
@@ -89,12 +90,12 @@ def test_ops_pass_torch_library_opcheck(backend, op):
     forget = [torch.randn(5, 3, generator=gen), None]
     preserve = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
     states = [[torch.rand(p.shape, generator=gen) for p in params] for _ in range(2)]
-    common = (torch.tensor([0.3, 0.5], dtype=torch.float64), torch.zeros(()))
+    common = (torch.tensor([0.3, 0.5, 1.0, 2.0**-40], dtype=torch.float64), torch.zeros(()))
     args = {
         "gram": (forget, preserve, torch.device("cpu")),
         "adamw": (params, forget, preserve, *states, [torch.tensor(0.0), torch.tensor(3.0)], *common)
         + (None, 1e-2, 0.9, 0.999, 1e-8, 1e-2, False),
-        "sgd": (params, forget, preserve, states[0], *common)
+        "sgd": (params, forget, preserve, states[0], [torch.tensor(0.0), torch.tensor(2.0)], *common)
         + (torch.tensor(1e-2), 0.0, 0.9, 0.1, False, 0.0, True, False),
     }[op]
     torch.library.opcheck(getattr(torch.ops.munba, f"{backend}_{op}").default, args)

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from buckets import clone_bucket
+from buckets import clone_bucket, coefficients_for, sgd_state
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
@@ -50,14 +50,12 @@ def make_bucket(dtype, base, seed, first_step=False):
                 }
             )
         else:
-            bucket.states.append(
-                {"momentum_buffer": torch.zeros(s) if first_step else rand(s, 0.5, torch.float32)}
-            )
+            bucket.states.append(sgd_state(torch.zeros(s) if first_step else rand(s, 0.5, torch.float32), first_step))
     return bucket
 
 
 def run(backend, base, bucket, skip=0.0):
-    c = torch.tensor(COEFFICIENTS, dtype=torch.float64)
+    c = coefficients_for(COEFFICIENTS, bucket.dtype)
     getattr(backend, base)(bucket, c, torch.tensor(skip), ADAMW if base == "adamw" else SGD)
 
 
@@ -85,7 +83,7 @@ def float64_step(base, bucket):
             buf = st["momentum_buffer"].double()
             buf = d if bucket.first_step else hp.momentum * buf + (1 - hp.dampening) * d
             p = p - hp.lr * buf
-            states.append({"momentum_buffer": buf})
+            states.append({"momentum_buffer": buf, "step": st["step"] + 1})
         params.append(p)
     return params, states
 

@@ -3,8 +3,10 @@
 1. ``gram(forget, preserve, device)`` → float64 tensor ``[ff, fr, rr]`` (partial sums
    for the local shards; the optimizer all-reduces them when sharded).
 2. ``adamw(bucket, coefficients, skip, hp)`` / ``sgd(...)`` → apply the base rule to
-   ``d = c_f·g_f + c_r·g_r`` in place, where ``coefficients = [c_f, c_r]`` and ``skip``
-   (a 0-dim float tensor, 1.0 = skip) are device tensors: nothing reads them on the host.
+   ``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in place, where ``coefficients = [c_f, c_r, s_f,
+   s_r]`` (float64, from :func:`kernel_coefficients`: the ``s`` are powers of two that keep
+   the ``c`` inside the compute dtype's range) and ``skip`` (a 0-dim float tensor, 1.0 =
+   skip) are device tensors: nothing reads them on the host.
 
 A backend is a module exposing ``name``, ``is_available()``, ``unavailable_reason()``
 (a short human-readable string, "" when available), ``supports(device)`` and those three
@@ -17,9 +19,12 @@ Semantics every backend must match (the reference backend is the oracle):
   incremented by 1 unless skipped), states ``exp_avg``/``exp_avg_sq`` in the param dtype
   or, for bf16/fp16 params, in fp32 (``TensorBucket.state_dtype``), math in fp32 (fp64 for
   fp64 params), one rounding on store.
-* ``sgd``: exactly torch.optim.SGD (L2 decay added to d, momentum buffer
-  ``state["momentum_buffer"]`` set to d when ``bucket.first_step``, dampening, nesterov),
-  the buffer in the bucket's state dtype.
+* ``sgd``: exactly torch.optim.SGD (L2 decay added to d, dampening, nesterov; the
+  momentum buffer ``state["momentum_buffer"]`` is set to d on a tensor's first step), the
+  buffer in the bucket's state dtype.  With momentum, ``state["step"]`` (as AdamW's) counts
+  the steps taken, so "first step" means a count of 0 before this step, a device fact: a
+  skipped first step leaves the next one first.  ``bucket.first_step`` is the host's
+  knowledge that every count is 0 (states created in this step).
 * ``maximize`` negates d.  When ``skip`` is 1.0 nothing is written at all.
 """
 
@@ -85,6 +90,37 @@ class SGDHyper:
     nesterov: bool
     weight_decay: float
     maximize: bool
+
+
+_FP32_EXPONENTS = (-126, 127)  # powers of two that are normal fp32 numbers
+
+
+def kernel_coefficients(coefficients: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """``[c_f, c_r, s_f, s_r]`` (float64) with ``c·s`` = the bargain's coefficients.
+
+    ``α = a/‖g‖`` exceeds fp32's range for gradients of norm below ~1e-38 (or above ~1e38
+    it falls below the normal range), while every element of ``α·g`` is of order ``a``.
+    So a coefficient outside fp32's normal range is split into a power of two ``s``
+    (applied to the gradient first: ``g·s`` is exact, since ``|g_i|·s ≤ |g_i|·α`` cannot
+    overflow) and a rest ``c = α/s`` that fp32 represents.  Coefficients inside the range
+    keep ``s = 1``, and ``g·1`` is ``g``: the same bits as applying ``α`` directly.
+    float64 compute needs no split (``α`` stays inside float64 whenever the Gram does).
+    Device math only: no host synchronisation.
+    """
+    c = coefficients.to(torch.float64)
+    if compute_dtype == torch.float64:
+        return torch.cat([c, torch.ones_like(c)])
+    low, high = _FP32_EXPONENTS
+    magnitude = c.abs()
+    in_range = (magnitude == 0) | ((magnitude >= 2.0**low) & (magnitude < 2.0**high))
+    _, exponent = torch.frexp(magnitude)  # magnitude = m·2**exponent, m in [0.5, 1)
+    scale = torch.where(in_range, 1.0, torch.exp2((exponent - 1).clamp(low, high).to(torch.float64)))
+    return torch.cat([c / scale, scale])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math dtype of the update kernels (torch's opmath): fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def is_dense(t: Tensor) -> bool:

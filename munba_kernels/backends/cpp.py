@@ -114,6 +114,7 @@ def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper)
         bucket.forget,
         bucket.preserve,
         states[0] if keys else [],
+        bucket.state("step") if keys else [],
         coefficients,
         skip,
         _lr(hp.lr),
@@ -122,7 +123,6 @@ def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper)
         hp.nesterov,
         hp.weight_decay,
         hp.maximize,
-        bucket.first_step,
     )
     copy_back(staged)
 

@@ -33,7 +33,7 @@ _ADAMW = (
 )
 _SGD = (
     "(Tensor(a!)[] params, Tensor?[] forget, Tensor?[] preserve, Tensor(b!)[] momentum_buffers, "
-    "Tensor coefficients, Tensor skip, Tensor? lr_tensor, float lr, float momentum, float dampening, "
+    "Tensor(c!)[] steps, Tensor coefficients, Tensor skip, Tensor? lr_tensor, float lr, float momentum, float dampening, "
     "bool nesterov, float weight_decay, bool maximize, bool first_step) -> ()"
 )
 
@@ -71,11 +71,15 @@ def register(name: str, gram: Callable, adamw: Callable, sgd: Callable) -> Simpl
     def _(*args):
         return None
 
-    @torch.library.custom_op(f"munba::{name}_sgd", mutates_args=("params", "momentum_buffers"), schema=_SGD)
-    def sgd_op(params, forget, preserve, momentum_buffers, coefficients, skip, lr_tensor, lr, *hp_and_first):
+    @torch.library.custom_op(
+        f"munba::{name}_sgd", mutates_args=("params", "momentum_buffers", "steps"), schema=_SGD
+    )
+    def sgd_op(params, forget, preserve, momentum_buffers, steps, coefficients, skip, lr_tensor, lr, *hp_and_first):
         *hp, first_step = hp_and_first
         states = (
-            [dict(momentum_buffer=b) for b in momentum_buffers] if momentum_buffers else [{} for _ in params]
+            [dict(momentum_buffer=b, step=s) for b, s in zip(momentum_buffers, steps)]
+            if momentum_buffers
+            else [{} for _ in params]
         )
         bucket = TensorBucket(params, forget, preserve, states, first_step)
         sgd(bucket, coefficients, skip, SGDHyper(lr if lr_tensor is None else lr_tensor, *hp))
@@ -114,6 +118,7 @@ def register(name: str, gram: Callable, adamw: Callable, sgd: Callable) -> Simpl
             bucket.forget,
             bucket.preserve,
             bucket.state("momentum_buffer") if hp.momentum != 0 else [],
+            bucket.state("step") if hp.momentum != 0 else [],
             coefficients,
             skip,
             lr_tensor,

@@ -5,8 +5,9 @@ gradient of any floating dtype has a non-zero square and 1e±20-scale gradients 
 overflow nor underflow.  Per-tensor partial sums are added in a fixed order, so the
 result is deterministic.
 
-Pass 2 forms ``d = c_f·g_f + c_r·g_r`` in fp32 (fp64 for fp64 gradients), rounds it once
-to the gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
+Pass 2 forms ``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in fp32 (fp64 for fp64 gradients;
+``s`` are the powers of two of :func:`.base.kernel_coefficients`), rounds it once to the
+gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
 "the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
 step on the device, leaving every parameter and state untouched.
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
+from .base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, copy_back, stage_for_linear_walk
 
 name = "torch"
 
@@ -66,10 +67,6 @@ def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], de
     return torch.stack(parts).sum(dim=0)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[str, ...], kernel) -> None:
     """Form d and run ``kernel(params, directions, *state_lists)`` (one of torch's fused ops).
 
@@ -89,17 +86,17 @@ def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[st
 
 
 def combine(bucket: TensorBucket, coefficients: Tensor, layouts: list[Tensor]) -> list[Tensor]:
-    """The bargained direction per tensor, ``d = c_f g_f + c_r g_r``, in the gradient dtype.
+    """The bargained direction per tensor, ``d = c_f (s_f g_f) + c_r (s_r g_r)``, in the gradient dtype.
 
     Allocates the directions (one gradient's worth, freed after the step) rather than
     writing into any gradient: callers may still hold references to them.  Each direction
     is laid out like the corresponding tensor of ``layouts``.
     """
-    opm = _opmath(bucket.dtype)
-    c = coefficients.to(opm)
+    opm = compute_dtype(bucket.dtype)
+    c_f, c_r, s_f, s_r = coefficients.to(opm).unbind()
     out = []
     for i, (gf, gr) in enumerate(zip(bucket.forget, bucket.preserve)):
-        terms = [g.to(opm) * ci for g, ci in ((gf, c[0]), (gr, c[1])) if g is not None]
+        terms = [(g.to(opm) * s) * c for g, c, s in ((gf, c_f, s_f), (gr, c_r, s_r)) if g is not None]
         d = terms[0] if len(terms) == 1 else terms[0].add_(terms[1])
         if d.stride() != layouts[i].stride():
             d = torch.empty_like(layouts[i], dtype=bucket.dtype).copy_(d)
@@ -135,23 +132,48 @@ def _adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHy
 
 
 def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
-    def kernel(params, directions, *buffers):
+    has_momentum = hp.momentum != 0
+    steps = bucket.state("step") if has_momentum else []
+    if steps:
+        torch._foreach_add_(steps, 1)
+
+    def fused(params, directions, buffers, first):
         torch._fused_sgd_(
             params,
             directions,
-            buffers[0] if buffers else [],
+            buffers,
             weight_decay=hp.weight_decay,
             momentum=hp.momentum,
             lr=hp.lr,
             dampening=hp.dampening,
             nesterov=hp.nesterov,
             maximize=hp.maximize,
-            is_first_step=bucket.first_step,
+            is_first_step=first,
             grad_scale=None,
             found_inf=skip,
         )
 
-    _fused_step(bucket, coefficients, ("momentum_buffer",) if hp.momentum != 0 else (), kernel)
+    def kernel(params, directions, *buffers):
+        buffers = buffers[0] if buffers else []
+        if bucket.first_step or not has_momentum or hp.dampening == 0:
+            # A count of 0 with a zero buffer needs no first-step branch when nothing is
+            # dampened: momentum·0 + d is exactly d.
+            fused(params, directions, buffers, bucket.first_step)
+            return
+        # Dampening, and whether a tensor is on its first step is a device fact: run both
+        # rules and select per tensor (the oracle may be slow; the fused backends branch
+        # in the kernel).
+        first = [s == 1 for s in steps]
+        p_first, b_first = [p.clone() for p in params], [b.clone() for b in buffers]
+        fused(p_first, directions, b_first, True)
+        fused(params, directions, buffers, False)
+        for tensors, firsts in ((params, p_first), (buffers, b_first)):
+            for t, t_first, f in zip(tensors, firsts, first):
+                t.copy_(torch.where(f, t_first, t))
+
+    _fused_step(bucket, coefficients, ("momentum_buffer",) if has_momentum else (), kernel)
+    if steps:
+        torch._foreach_sub_(steps, [skip] * len(steps))
 
 
 _OPS = ops.register(name, _gram, _adamw, _sgd)

@@ -1,8 +1,9 @@
 """Pass 2 on the GPU: bargained direction + AdamW / SGD, fused, one launch per bucket.
 
 Each program takes one chunk of one tensor from a chunk table (see :mod:`.triton_tables`),
-loads ``[c_f, c_r]`` and the skip flag from device memory, forms
-``d = c_f·g_f + c_r·g_r`` in registers and applies torch.optim.AdamW's or SGD's rule,
+loads ``[c_f, c_r, s_f, s_r]`` and the skip flag from device memory, forms
+``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in registers (the powers of two ``s`` keep huge or
+tiny coefficients inside fp32, see :func:`.base.kernel_coefficients`) and applies torch.optim.AdamW's or SGD's rule,
 reading every array once and writing the parameter and its states once.  Math runs in
 fp32 (fp64 for fp64 parameters) with one rounding on store.  ``d`` is rounded once to
 the gradient dtype before the rule, exactly what torch.optim would see as ``.grad``; this
@@ -15,7 +16,9 @@ A missing gradient has address 0 in the table and its loads are masked off, so i
 no bandwidth (a zeros buffer would cost a read and memory as large as the largest tensor).
 When ``skip`` is 1.0 every chunk is empty: nothing is read or written.
 The step counts advance on the device by ``1 - skip`` before the launch, and each program
-reads its tensor's own count for the bias corrections (params added later may lag).
+reads its tensor's own count: AdamW for the bias corrections (params added later may lag),
+SGD with momentum to know a tensor's first step (a count of 1), so that a skipped first
+step leaves the next one first.
 
 Bytes moved per parameter (fp32; bf16/fp16 halve them):
 * AdamW: read g_f, g_r, p, m, v = 20 B, write p, m, v = 12 B → 32 B.  At H100's
@@ -99,16 +102,18 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _direction(row, offs, mask, coefficients, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
-    """d = c_f·g_f + c_r·g_r for one block, rounded once to the gradient dtype."""
+    """d = c_f·(s_f·g_f) + c_r·(s_r·g_r) for one block, rounded once to the gradient dtype."""
     f_addr = tl.load(row + 1)
     r_addr = tl.load(row + 2)
     c_f = tl.load(coefficients).to(COMPUTE)
     c_r = tl.load(coefficients + 1).to(COMPUTE)
+    s_f = tl.load(coefficients + 2).to(COMPUTE)
+    s_r = tl.load(coefficients + 3).to(COMPUTE)
     f_ptr = f_addr.to(tl.pointer_type(DTYPE))
     r_ptr = r_addr.to(tl.pointer_type(DTYPE))
     g_f = tl.load(f_ptr + offs, mask=mask & (f_addr != 0), other=0.0).to(COMPUTE)
     g_r = tl.load(r_ptr + offs, mask=mask & (r_addr != 0), other=0.0).to(COMPUTE)
-    return _round(c_f * g_f + c_r * g_r, DTYPE).to(COMPUTE)
+    return _round(c_f * (g_f * s_f) + c_r * (g_r * s_r), DTYPE).to(COMPUTE)
 
 
 @triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
@@ -116,7 +121,7 @@ def _direction(row, offs, mask, coefficients, DTYPE: tl.constexpr, COMPUTE: tl.c
 def _adamw_kernel(
     tensors,  # int64 [n, 7]: p, g_f, g_r, exp_avg, exp_avg_sq, step addresses; numel
     chunks,  # int64 [n_chunks, 2]: tensor index, first element
-    coefficients,  # float64 [2]: c_f, c_r
+    coefficients,  # float64 [4]: c_f, c_r, s_f, s_r
     skip_ptr,  # float32 []: 1.0 = write nothing
     lr_ptr,  # lr as a device tensor (LR_ON_DEVICE), else unused
     lr: tl.float64,
@@ -180,7 +185,7 @@ def _adamw_kernel(
 @triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
 @triton.jit
 def _sgd_kernel(
-    tensors,  # int64 [n, 5]: p, g_f, g_r, momentum_buffer addresses; numel
+    tensors,  # int64 [n, 6]: p, g_f, g_r, momentum_buffer, step addresses; numel
     chunks,
     coefficients,
     skip_ptr,
@@ -196,7 +201,7 @@ def _sgd_kernel(
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
-    FIRST_STEP: tl.constexpr,  # the buffer is set to d (torch's "buf is None" branch)
+    FIRST_STEP: tl.constexpr,  # every count is 1 (host knowledge): the buffer is not read
     NESTEROV: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -205,10 +210,10 @@ def _sgd_kernel(
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    row = tensors + 5 * t
+    row = tensors + 6 * t
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
     buf_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
-    numel = tl.load(row + 4)
+    numel = tl.load(row + 5)
     # A skipped step ends every chunk at 0: no load or store is issued at all.
     end = tl.where(tl.load(skip_ptr) == 0.0, numel, 0)
     lr = tl.load(lr_ptr).to(COMPUTE) if LR_ON_DEVICE else _f64(lr).to(COMPUTE)
@@ -229,8 +234,11 @@ def _sgd_kernel(
             if FIRST_STEP:
                 buf = d
             else:
+                # torch's "buf is None" branch, decided on the device: a first step that
+                # was skipped left the count at 0, so this one is first (count 1).
+                first = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32))) == 1.0
                 buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-                buf = mom * buf + keep * d
+                buf = tl.where(first, d, mom * buf + keep * d)
             tl.store(buf_ptr + offs, _round(buf, STATE), mask=mask)
             if NESTEROV:
                 d = d + mom * buf
@@ -372,6 +380,8 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
 def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
     lr_ptr, lr = _lr_args(hp.lr, bucket.device)
     has_momentum = hp.momentum != 0
+    if has_momentum:  # as adamw: a skipped step adds exactly 0; the kernel reads the new counts
+        torch._foreach_add_(bucket.state("step"), 1.0 - skip)
     launch_args = dict(
         coefficients=coefficients,
         skip_ptr=skip,
@@ -389,4 +399,5 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         NESTEROV=hp.nesterov,
         CHUNK=triton_tables.CHUNK,
     )
-    _launch(_sgd_kernel, bucket, ("momentum_buffer" if has_momentum else None,), launch_args)
+    state_keys = ("momentum_buffer", "step") if has_momentum else (None, None)
+    _launch(_sgd_kernel, bucket, state_keys, launch_args)

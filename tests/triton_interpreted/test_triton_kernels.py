@@ -25,7 +25,7 @@ from munba_kernels.backends import reference, triton_backend, triton_tables  # n
 from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
-from buckets import clone_bucket  # noqa: E402
+from buckets import clone_bucket, coefficients_for, sgd_state  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -125,7 +125,7 @@ def make_bucket(dtype, rule, gf, gr, seed=1, first_step=False, state_dtype=None)
             v = randn(s, sd, gen, 0.1).square() if step > 0 else zeros.clone()
             states.append(dict(step=step, exp_avg=m, exp_avg_sq=v))
         else:
-            states.append(dict(momentum_buffer=zeros if first_step else randn(s, sd, gen)))
+            states.append(sgd_state(zeros if first_step else randn(s, sd, gen), first_step))
     return TensorBucket(params, list(gf), list(gr), states, first_step)
 
 
@@ -146,7 +146,7 @@ COEFFICIENTS = {
 
 
 def run_steps(backend, bucket, rule, hp, coefficients, steps=3, skip=0.0):
-    c = torch.tensor(coefficients, dtype=torch.float64, device=DEVICE)
+    c = coefficients_for(coefficients, bucket.dtype, DEVICE)
     s = torch.tensor(skip, dtype=torch.float32, device=DEVICE)
     for k in range(steps):
         bucket.first_step = bucket.first_step and k == 0
@@ -258,8 +258,8 @@ def test_gapped_view_params_are_staged(rule):
     else:
         hp = SGDHyper(1e-2, 0.9, 0.0, True, 1e-2, False)
         states = [
-            dict(momentum_buffer=randn((200,), torch.float32, gen)),
-            dict(momentum_buffer=randn((12, 12), torch.float32, gen).t()),
+            sgd_state(randn((200,), torch.float32, gen), False),
+            sgd_state(randn((12, 12), torch.float32, gen).t(), False),
         ]
     got = TensorBucket([gapped, square], gf, gr, states)
     want = TensorBucket(
@@ -359,7 +359,7 @@ def test_passes_are_custom_ops_that_compile_without_graph_breaks(rule):
 
     def passes(bucket):
         gram = triton_backend.gram(bucket.forget, bucket.preserve, DEVICE)
-        coefficients = (gram[:2] / gram.sum().sqrt()).to(torch.float64)
+        coefficients = coefficients_for((gram[:2] / gram.sum().sqrt()).to(torch.float64), torch.float32, DEVICE)
         getattr(triton_backend, rule)(bucket, coefficients, torch.zeros((), device=DEVICE), hp)
         return gram
 
