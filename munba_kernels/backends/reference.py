@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import base, ops
 from .base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, copy_back, stage_for_linear_walk
 
 name = "torch"
@@ -46,25 +46,60 @@ def supports(device: torch.device) -> bool:
     return True
 
 
+#: The C++ kernels' Gram chunk, lanes per chunk and the chunks handled per slab here.
+GRAM_CHUNK, GRAM_LANES, _SLAB_CHUNKS = 1 << 15, 8, 32
+
+
 def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
-    """Return float64 ``[ff, fr, rr]`` over all pairs; ``None`` counts as a zero gradient."""
-    parts = []
+    """Return float64 ``[ff, fr, rr]`` over all pairs; ``None`` counts as a zero gradient.
+
+    The summation order is spelled out, the C++ kernel's exactly (``csrc/munba_cpu.cpp``):
+    each tensor in memory order, in chunks of ``GRAM_CHUNK`` elements; in a chunk, lane ``k``
+    adds the products of elements ``i ≡ k (mod 8)`` one after another (a ``cumsum``, which
+    torch evaluates sequentially), the 8 lanes fold pairwise, and the chunk sums are added
+    in chunk order.  So the result depends on the tensor sizes alone, never on the thread
+    count (``torch.dot`` splits its reduction over threads), and on the CPU it is bitwise
+    the C++ backend's.  Slabs of a few chunks bound the float64 temporaries.
+    """
+    partials = [torch.zeros(1, 3, dtype=torch.float64, device=device)]  # C++ starts from 0.0 too
     for gf, gr in zip(forget, preserve):
-        f = None if gf is None else gf.reshape(-1).to(torch.float64)
-        r = None if gr is None else gr.reshape(-1).to(torch.float64)
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        parts.append(
-            torch.stack(
-                [
-                    zero if f is None else torch.dot(f, f),
-                    zero if f is None or r is None else torch.dot(f, r),
-                    zero if r is None else torch.dot(r, r),
-                ]
-            )
-        )
-    if not parts:
-        return torch.zeros(3, dtype=torch.float64, device=device)
-    return torch.stack(parts).sum(dim=0)
+        like = gf if gf is not None else gr
+        if like is None or like.numel() == 0:
+            continue
+        if not base.is_dense(like):
+            like = like.contiguous()
+        f, r = (None if g is None else _in_memory_order(g, like) for g in (gf, gr))
+        slab = GRAM_CHUNK * _SLAB_CHUNKS
+        for start in range(0, like.numel(), slab):
+            fs, rs = (None if g is None else g[start : start + slab].to(torch.float64) for g in (f, r))
+            partials.append(_chunk_sums(fs, rs))
+    return torch.cat(partials).cumsum(0)[-1]
+
+
+def _in_memory_order(g: Tensor, like: Tensor) -> Tensor:
+    """``g``'s elements as a flat tensor, in the memory order of the dense tensor ``like``."""
+    if not (base.is_dense(g) and g.stride() == like.stride()):
+        g = torch.empty_like(like, dtype=g.dtype).copy_(g)
+    return g.as_strided((g.numel(),), (1,))
+
+
+def _chunk_sums(f: Tensor | None, r: Tensor | None) -> Tensor:
+    """``[n_chunks, 3]`` chunk sums of f·f, f·r, r·r (``None`` = zeros) in the C++ order."""
+    present = f if f is not None else r
+    n = present.numel()
+    chunks = -(-n // GRAM_CHUNK)
+    pad = chunks * GRAM_CHUNK - n  # zeros added to a lane change no sum
+
+    def lanes(x: Tensor | None, y: Tensor | None) -> Tensor:
+        if x is None or y is None:
+            return torch.zeros(chunks, GRAM_LANES, dtype=torch.float64, device=present.device)
+        products = torch.nn.functional.pad(x * y, (0, pad)).view(chunks, -1, GRAM_LANES)
+        return products.cumsum(1)[:, -1]
+
+    sums = []
+    for x in (lanes(f, f), lanes(f, r), lanes(r, r)):
+        sums.append(((x[:, 0] + x[:, 1]) + (x[:, 2] + x[:, 3])) + ((x[:, 4] + x[:, 5]) + (x[:, 6] + x[:, 7])))
+    return torch.stack(sums, dim=1)
 
 
 def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[str, ...], kernel) -> None:
