@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -199,3 +200,107 @@ def test_cli_distributed_needs_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         classify.main(["--dataset", "digits", "--quick", "--distributed", "ddp", "--out", "unused"])
+
+
+# --- data integrity: the cache key, corrupt cache files, option and data errors ---------------
+
+
+def _tiny(seed=0, relabel=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(16, 1, 8, 8, generator=gen)
+    y = torch.arange(16) % 4
+    return unlearning.Subset(x, (y + 1) % 4 if relabel else y)
+
+
+def _tiny_cached(cfg, data, monkeypatch):
+    """``cached_training`` with training replaced by a counter; returns the number of trainings."""
+    calls = []
+    monkeypatch.setattr(classify, "train_classifier", lambda model, *a, **k: calls.append(1) or model)
+    split = classify.Split(None, None, None, None, None, 4, {"scenario": "random", "seed": 0})
+    model, _ = classify.cached_training(cfg, "original", data, split, 0, 1)
+    return len(calls), model
+
+
+def test_relabelled_data_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    cfg = classify.Config(dataset="fashion_mnist", model="narrow_resnet", cache_dir=str(tmp_path))
+    assert _tiny_cached(cfg, _tiny(), monkeypatch)[0] == 1
+    assert _tiny_cached(cfg, _tiny(), monkeypatch)[0] == 0  # the same data: reused
+    # Same dataset name, sizes and settings, other labels (or other images): trained anew.
+    assert _tiny_cached(cfg, _tiny(relabel=True), monkeypatch)[0] == 1
+    assert _tiny_cached(cfg, _tiny(seed=1), monkeypatch)[0] == 1
+    assert len(list((tmp_path / "classify").glob("*.pt"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_corrupt_cache_file_is_named_retrained_and_replaced(tmp_path, monkeypatch, damage):
+    cfg = classify.Config(dataset="digits", model="narrow_resnet", cache_dir=str(tmp_path))
+    _tiny_cached(cfg, _tiny(), monkeypatch)
+    (path,) = (tmp_path / "classify").glob("*.pt")
+    good = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"not a checkpoint"}[damage])
+    with pytest.warns(UserWarning, match=re.escape(str(path))):
+        trained, model = _tiny_cached(cfg, _tiny(), monkeypatch)
+    assert trained == 1
+    saved = torch.load(path)  # replaced by a complete entry
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in model.state_dict().items())
+    assert _tiny_cached(cfg, _tiny(), monkeypatch)[0] == 0
+
+
+def _exit_message(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]  # argparse: usage, then one "prog: error: ..." line
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--train-size", "-5"], "--train-size"),
+        (["--test-size", "-1"], "--test-size"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--pretrain-lr", "0"], "--pretrain-lr"),
+        (["--device", "tpu"], "--device"),
+        (["--forget-ratio", "1.5"], "--forget-ratio"),
+        (["--dataset", "cifar10"], "--data-dir"),
+        (["--methods", ","], "--methods"),
+    ],
+)
+def test_cli_rejects_bad_option_values_naming_the_option(argv, option, capsys):
+    line = _exit_message(capsys, lambda: classify.parse_args(argv))
+    assert "error:" in line and option in line
+
+
+def _no_training(*a, **k):
+    raise AssertionError("a bad option must be reported before any training")
+
+
+def _main_error(tmp_path, monkeypatch, capsys, extra):
+    monkeypatch.setattr(classify, "train_classifier", _no_training)
+    argv = ["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+    return _exit_message(capsys, lambda: classify.main([*argv, *extra]))
+
+
+def test_cli_out_of_range_forget_class_is_an_option_error(tmp_path, monkeypatch, capsys):
+    line = _main_error(
+        tmp_path, monkeypatch, capsys, ["--dataset", "digits", "--scenario", "class", "--forget-classes", "3", "12"]
+    )
+    assert "--forget-classes" in line and "12" in line and "0..9" in line
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache-dir"])
+def test_cli_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, capsys, option):
+    (tmp_path / "a_file").write_text("")
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--dataset", "digits", option, str(tmp_path / "a_file" / "x")])
+    assert option in line and "a_file" in line
+
+
+def test_cli_corrupt_data_file_is_named(tmp_path, monkeypatch, capsys):
+    from datafiles import write_fashion_mnist
+
+    data_dir = tmp_path / "fmnist"
+    data_dir.mkdir()
+    write_fashion_mnist(data_dir, relabel=lambda y: y + 10)
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--data-dir", str(data_dir)])
+    assert str(data_dir / "train-labels-idx1-ubyte") in line

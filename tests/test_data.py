@@ -1,21 +1,15 @@
 """Dataset loaders on small files written in each dataset's real distribution format."""
 
-import gzip
 import pickle
+import re
 import struct
 
 import numpy as np
 import pytest
 import torch
+from datafiles import write_fashion_mnist, write_idx
 
 from munba_kernels.drivers import data
-
-
-def write_idx(path, array, compress):
-    codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.tobytes()
-    (gzip.open if compress else open)(path, "wb").write(payload)
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -44,6 +38,49 @@ def test_idx_rejects_garbage_and_truncation(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "ok").read_bytes()[:-1])
     with pytest.raises(ValueError, match="header says"):
         data.read_idx(tmp_path / "short")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip"])
+def test_unreadable_gzip_names_the_file(tmp_path, damage):
+    write_fashion_mnist(tmp_path, compress=True)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"plain bytes, no gzip header")
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        data.read_idx(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        data.load_fashion_mnist(tmp_path)
+
+
+def test_idx_header_cut_short_names_the_file(tmp_path):
+    path = tmp_path / "short-header"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">2I", 5, 28))  # 3 dimensions, 2 given
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        data.read_idx(path)
+
+
+def test_fashion_mnist_rejects_out_of_range_labels_naming_the_file(tmp_path):
+    write_fashion_mnist(tmp_path, relabel=lambda y: np.where(np.arange(len(y)) == 4, 10, y))
+    with pytest.raises(
+        ValueError, match=re.escape(str(tmp_path / "train-labels-idx1-ubyte")) + ".*outside 0..9"
+    ):
+        data.load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_rejects_a_count_mismatch_naming_both_files(tmp_path):
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))  # 5 images, 4 labels
+    with pytest.raises(ValueError) as err:
+        data.load_fashion_mnist(tmp_path)
+    assert str(tmp_path / "t10k-images-idx3-ubyte") in str(err.value)
+    assert str(tmp_path / "t10k-labels-idx1-ubyte") in str(err.value)
+
+
+def test_fashion_mnist_rejects_labels_that_are_not_a_vector(tmp_path):
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((12, 28), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "train-labels-idx1-ubyte"))):
+        data.load_fashion_mnist(tmp_path)
 
 
 def test_missing_fashion_mnist_explains_how_to_install(tmp_path):
@@ -83,6 +120,73 @@ def test_cifar100_fine_labels(tmp_path):
     pickle.dump(test, open(root / "test", "wb"))
     ds = data.load_dataset("cifar100", tmp_path)
     assert ds.num_classes == 100 and ds.y_test.tolist() == test[b"fine_labels"]
+
+
+def write_cifar10(root, rng, labels_of=None):
+    """Five train batches and a test batch of 4 images; ``labels_of`` maps a file name to a
+    replacement label list for that file."""
+    root.mkdir(exist_ok=True)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = cifar_batch(rng, 4, b"labels", 10)
+        if labels_of and name in labels_of:
+            batch[b"labels"] = labels_of[name]
+        pickle.dump(batch, open(root / name, "wb"))
+
+
+@pytest.mark.parametrize(
+    "dataset, damage, file",
+    [
+        ("cifar10", "label", "data_batch_3"),
+        ("cifar10", "count", "test_batch"),
+        ("cifar10", "truncated", "data_batch_2"),
+        ("cifar10", "not_a_batch", "data_batch_5"),
+        ("cifar100", "label", "train"),
+        ("cifar100", "count", "test"),
+    ],
+)
+def test_cifar_rejects_corrupt_batches_naming_the_file(tmp_path, dataset, damage, file):
+    rng = np.random.default_rng(4)
+    if dataset == "cifar10":
+        root = tmp_path / "cifar-10-batches-py"
+        labels = {"label": [0, 1, 10, 2], "count": [0, 1, 2]}.get(damage)  # count: 4 images, 3 labels
+        write_cifar10(root, rng, labels_of={file: labels} if labels else None)
+    else:
+        root = tmp_path / "cifar-100-python"
+        root.mkdir()
+        for name in ("train", "test"):
+            batch = cifar_batch(rng, 4, b"fine_labels", 100)
+            if name == file and damage == "label":
+                batch[b"fine_labels"] = [0, 100, 5, 6]
+            if name == file and damage == "count":
+                batch[b"fine_labels"] = batch[b"fine_labels"][:3]
+            pickle.dump(batch, open(root / name, "wb"))
+    path = root / file
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    if damage == "not_a_batch":
+        pickle.dump({"something": "else"}, open(path, "wb"))
+    expected = {"label": "outside 0..", "count": "4 images but 3 labels", "truncated": "", "not_a_batch": ""}[
+        damage
+    ]
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + re.escape(expected)):
+        data.load_dataset(dataset, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["label", "count"])
+def test_svhn_rejects_bad_labels_and_counts_naming_the_file(tmp_path, damage):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(5)
+    for split in ("train", "test"):
+        x = rng.integers(0, 256, size=(32, 32, 3, 3), dtype=np.uint8)
+        y = np.array([[10], [1], [2]], dtype=np.uint8)
+        if split == "test" and damage == "label":
+            y[1] = 11  # would silently become digit 1 under SVHN's "10 means 0" mapping
+        if split == "test" and damage == "count":
+            y = y[:2]
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": y})
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "test_32x32.mat"))):
+        data.load_dataset("svhn", tmp_path)
 
 
 def test_svhn_mat_files(tmp_path):

@@ -1,6 +1,7 @@
 """The class-conditional diffusion driver: losses, generation metrics (vs float64 references), the CLI."""
 
 import json
+import re
 from functools import partial
 
 import numpy as np
@@ -196,15 +197,100 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def _exit_message(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]  # argparse: usage, then one "prog: error: ..." line
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--sd-steps", "2.5"], "--sd-steps"),  # an integer option: was accepted as a float, crashed later
+        (["--ddpm-steps", "1e3"], "--ddpm-steps"),
+        (["--device", "tpu"], "--device"),
+        (["--image-size", "10"], "--image-size"),  # the UNet halves it twice
+        (["--dataset", "svhn"], "--data-dir"),
+        (["--forget-prompt", "a cat"], "--pretrained"),
+        (["--retain-prompt", "a dog"], "--pretrained"),
+    ],
+)
+def test_cli_rejects_bad_option_values_naming_the_option(argv, option, capsys):
+    line = _exit_message(capsys, lambda: diffusion.parse_args(argv))
+    assert "error:" in line and option in line
+
+
+def _no_work(*a, **k):
+    raise AssertionError("a bad option must be reported before any training")
+
+
 @pytest.mark.parametrize("flag, value", [("--forget-class", "10"), ("--anchor-class", "2")])
-def test_bad_classes_name_the_parameter(flag, value, tmp_path):
+def test_bad_classes_name_the_parameter(flag, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(diffusion, "train_classifier", _no_work)
+    monkeypatch.setattr(ddpm, "train_ddpm", _no_work)
     argv = (
         [*QUICK, "--forget-class", "2", "--out", str(tmp_path)]
         if flag == "--anchor-class"
         else [*QUICK, "--out", str(tmp_path)]
     )
-    with pytest.raises(ValueError, match=flag):
-        diffusion.main([*argv, flag, value])
+    assert flag in _exit_message(capsys, lambda: diffusion.main([*argv, flag, value]))
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache-dir"])
+def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, capsys, option):
+    monkeypatch.setattr(diffusion, "train_classifier", _no_work)
+    monkeypatch.setattr(ddpm, "train_ddpm", _no_work)
+    (tmp_path / "a_file").write_text("")
+    argv = [*QUICK, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    line = _exit_message(capsys, lambda: diffusion.main([*argv, option, str(tmp_path / "a_file" / "x")]))
+    assert option in line and "a_file" in line
+
+
+def _cfg(tmp_path):
+    return diffusion.Config(
+        dataset="fashion_mnist", image_size=8, channels=[8, 16], cache_dir=str(tmp_path), progress=False
+    )
+
+
+def _train_data(seed=0, relabel=False):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(12) % 3
+    return diffusion.Subset(torch.rand(12, 1, 8, 8, generator=gen) * 2 - 1, (y + 1) % 3 if relabel else y)
+
+
+def _count_trainings(monkeypatch):
+    calls = []
+    monkeypatch.setattr(diffusion, "train_classifier", lambda m, *a, **k: calls.append("judge"))
+    monkeypatch.setattr(ddpm, "train_ddpm", lambda m, *a, **k: calls.append("ddpm"))
+    return calls
+
+
+def test_relabelled_data_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    calls = _count_trainings(monkeypatch)
+    cfg = _cfg(tmp_path)
+    for data in (_train_data(), _train_data(), _train_data(relabel=True), _train_data(seed=1)):
+        diffusion.judge_classifier(cfg, data, 1, 3)
+        diffusion.pretrained_ddpm(cfg, data, 1, 3)
+    # the second (identical) data set is served from the cache; the relabelled and the redrawn are not
+    assert calls == ["judge", "ddpm"] * 3
+    assert len(list((tmp_path / "diffusion").glob("*.pt"))) == 6
+
+
+@pytest.mark.parametrize("kind", ["judge", "ddpm"])
+def test_corrupt_cache_file_is_named_retrained_and_replaced(tmp_path, monkeypatch, kind):
+    calls = _count_trainings(monkeypatch)
+    cfg = _cfg(tmp_path)
+    build = diffusion.judge_classifier if kind == "judge" else diffusion.pretrained_ddpm
+    build(cfg, _train_data(), 1, 3)
+    (path,) = (tmp_path / "diffusion").glob(f"{kind}-*.pt")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.warns(UserWarning, match=re.escape(str(path))):
+        model, _ = build(cfg, _train_data(), 1, 3)
+    assert calls == [kind, kind]
+    saved = torch.load(path)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.slow

@@ -120,14 +120,36 @@ def test_full_unet_training_selects_every_weight(saved_pipeline):
         trainable_unet_parameters(unet, "attention")
 
 
-def test_hub_id_without_network_gives_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+def test_hub_id_without_network_gives_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         diffusion.main(
             [
                 "--pretrained", "CompVis/stable-diffusion-v1-4", "--forget-prompt", "nudity",
                 "--anchor-prompt", "a person", "--out", str(tmp_path),
             ]
         )  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--pretrained" in err and "never downloads" in err
+    with pytest.raises(FileNotFoundError, match="never downloads"):  # the library function, too
+        load_pipeline("CompVis/stable-diffusion-v1-4")
+
+
+def test_unwritable_out_is_found_before_loading_the_pipeline(saved_pipeline, tmp_path, capsys, monkeypatch):
+    from munba_kernels.drivers import stable_diffusion
+
+    def no_work(*a, **k):
+        raise AssertionError("--out must be checked before the pipeline is loaded")
+
+    monkeypatch.setattr(stable_diffusion, "load_pipeline", no_work)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        diffusion.main(
+            [
+                "--pretrained", str(saved_pipeline), "--forget-prompt", "a photo of a cat",
+                "--anchor-prompt", "a photo of a dog", "--out", str(tmp_path / "a_file" / "out"),
+            ]
+        )  # fmt: skip
+    assert "--out" in capsys.readouterr().err
 
 
 def test_pretrained_needs_prompts(tmp_path, capsys):

@@ -40,3 +40,18 @@ def test_demo_cli_prints_weights_and_losses(capsys):
     out = capsys.readouterr().out
     assert "alpha_f" in out and "preserve loss" in out and "forget loss" in out
     assert set(results) == {"original", "munba", "naive"}
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["--forget-class", "10"], "--forget-class"), (["--lr", "-1"], "--lr"), (["--steps", "-3"], "--steps")],
+)
+def test_demo_cli_rejects_bad_option_values(argv, option, capsys, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("a bad option must be reported before any training")
+
+    monkeypatch.setattr(toy, "train_original", no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        toy.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in err.strip().splitlines()[-1]

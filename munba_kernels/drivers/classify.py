@@ -31,8 +31,8 @@ from munba_kernels.evaluation.metrics import GAP_METRICS, unlearning_metrics
 from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars
 
 from . import data as datasets
-from . import parallel
-from .cache import cache_path, default_cache_dir, save_atomic
+from . import options, parallel
+from .cache import cache_path, default_cache_dir, fingerprint, load_entry, save_atomic
 from .models import MODELS, build_model, classifier_head
 from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
 
@@ -76,7 +76,7 @@ class Config:
     distributed: str | None = None
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m munba_kernels.drivers.classify",
         description=__doc__,
@@ -99,25 +99,39 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--forget-classes", type=int, nargs="+", default=d.forget_classes, help="for --scenario class"
     )
-    p.add_argument("--forget-ratio", type=float, default=d.forget_ratio, help="for --scenario random")
+    p.add_argument(
+        "--forget-ratio", type=options.fraction, default=d.forget_ratio, help="for --scenario random"
+    )
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (0, 1, …) to average over")
     p.add_argument(
-        "--epochs", type=int, default=d.epochs, help="unlearning epochs, the same for every method"
+        "--seeds",
+        type=options.positive_int,
+        default=d.seeds,
+        help="number of seeds (0, 1, …) to average over",
     )
     p.add_argument(
-        "--pretrain-epochs", type=int, default=d.pretrain_epochs, help="epochs for the original and Retrain"
+        "--epochs",
+        type=options.positive_int,
+        default=d.epochs,
+        help="unlearning epochs, the same for every method",
     )
-    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
-    p.add_argument("--train-size", type=int, default=d.train_size, help="training images used (0 = all)")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=options.positive_int,
+        default=d.pretrain_epochs,
+        help="epochs for the original and Retrain",
+    )
+    p.add_argument("--pretrain-lr", type=options.positive_float, default=d.pretrain_lr)
+    all_note = options.int_at_least(0, " (0 = all)")
+    p.add_argument("--train-size", type=all_note, default=d.train_size, help="training images used (0 = all)")
     p.add_argument(
         "--test-size",
-        type=int,
+        type=all_note,
         default=d.test_size,
         help="test images used, split into val/test halves (0 = all)",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--batch-size", type=options.positive_int, default=d.batch_size)
+    p.add_argument("--device", type=options.device, default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--out", default=d.out)
     p.add_argument(
         "--cache-dir", default=d.cache_dir, help="where original/Retrain models are cached ($MUNBA_CACHE_DIR)"
@@ -132,15 +146,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="unlearn data-parallel (ddp) or sharded (fsdp2) across the ranks of a torchrun job; "
         "rank 0 trains the original and Retrain models, evaluates and writes the outputs",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
+    """The command line as a Config; a bad value exits through ``parser.error`` (one line, code 2).
+    Checks that need the data or the file system are :func:`check_before_work`'s."""
+    p = parser or build_parser()
     a = p.parse_args(argv)
-    methods = list(METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or 'all'")
-    if a.seeds < 1 or a.epochs < 1 or a.pretrain_epochs < 1:
-        p.error("--seeds, --epochs and --pretrain-epochs must be at least 1")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda was requested but no CUDA device is available")
+    methods = options.method_list(p, a.methods, METHODS)
+    options.check_data_dir(p, a.dataset, a.data_dir)
     cfg = Config(
         dataset=a.dataset,
         data_dir=a.data_dir,
@@ -241,12 +256,12 @@ def cached_training(cfg: Config, kind: str, data: Subset, split: Split, seed: in
         "n": len(data),
         **({"forget": split.forget_spec} if kind == "retrain" else {}),
     }
+    key["data"] = fingerprint(data.x, data.y)  # the content: a relabelled copy is another model
     path = cache_path(cfg.cache_dir, "classify", f"{kind}-{cfg.dataset}-{cfg.model}", key)
     torch.manual_seed(seed)
     model = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
-    if path.exists():
-        saved = torch.load(path, map_location=cfg.device)
-        model.load_state_dict(saved["state_dict"])
+    saved = load_entry(path, model, cfg.device)  # None (with a warning) for a damaged file
+    if saved is not None:
         return model.eval(), saved["seconds"]
     start = time.perf_counter()
     train_classifier(
@@ -385,19 +400,40 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
+def check_before_work(cfg: Config, ranks: parallel.Ranks) -> datasets.ImageData:
+    """The checks that need the file system or the data, before any training: --out and
+    --cache-dir writable (on the rank that writes them), the data loadable and consistent, the
+    forget classes among its classes.  Returns the loaded data; raises OptionError, DataError or
+    FileNotFoundError naming the option or the file."""
+    if ranks.lead:
+        options.check_writable_dir("--out", cfg.out)
+        options.check_writable_dir("--cache-dir", cfg.cache_dir)
+    ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
+    bad = [c for c in cfg.forget_classes if not 0 <= c < ds.num_classes] if cfg.scenario == "class" else []
+    if bad:
+        raise options.OptionError(
+            f"--forget-classes {' '.join(map(str, bad))}: {cfg.dataset} has classes 0..{ds.num_classes - 1}"
+        )
+    return ds
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
+    parser = build_parser()
+    cfg = parse_args(argv, parser)
     ranks = parallel.SINGLE_PROCESS
     if cfg.distributed:
         ranks, cfg.device = parallel.init(cfg.distributed, cfg.device)
     try:
-        return run(cfg, ranks)
+        with options.usage_errors(parser):
+            ds = check_before_work(cfg, ranks)
+        return run(cfg, ranks, ds)
     finally:
         parallel.shutdown(ranks)
 
 
-def run(cfg: Config, ranks: parallel.Ranks) -> dict:
-    ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
+def run(cfg: Config, ranks: parallel.Ranks, ds: datasets.ImageData | None = None) -> dict:
+    """Every seed and the report (``ds``: the loaded data, default: load ``cfg.dataset``)."""
+    ds = ds if ds is not None else datasets.load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.model is None:
         cfg.model = "resnet18" if ds.image_shape[1] >= 32 else "narrow_resnet"
     if not ranks.lead:

@@ -10,6 +10,10 @@ int64.  Fashion-MNIST is the embedded default: the Debian package
     cifar10        ``cifar-10-batches-py/`` (python pickle batches), as distributed
     cifar100       ``cifar-100-python/`` (``train``/``test`` pickles, fine labels)
     svhn           ``train_32x32.mat`` / ``test_32x32.mat`` (format 2), as distributed
+
+A file that is missing raises ``FileNotFoundError``; one that is unreadable (truncated,
+not in its format) or inconsistent (labels outside 0..num_classes-1, an image count that
+differs from the label count, no samples) raises :class:`DataError`.  Both name the file.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,12 @@ from torch import Tensor
 
 DATASETS = ("fashion_mnist", "digits", "cifar10", "cifar100", "svhn")
 DEFAULT_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+NEEDS_DATA_DIR = ("cifar10", "cifar100", "svhn")  # no default location: --data-dir is required
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be used: unreadable or inconsistent.  The message names it."""
 
 
 @dataclass
@@ -49,15 +59,25 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (the MNIST family's format), gzip-compressed or raw."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as err:  # truncated or not gzip at all
+        raise DataError(f"{path} cannot be read: {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an idx file (bad magic number {data[:4]!r})")
+        raise DataError(f"{path} is not an idx file (bad magic number {data[:4]!r})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: the header announces {ndim} dimensions but the file ends first")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    itemsize = np.dtype(_IDX_DTYPES[data[2]]).itemsize
+    if (len(data) - 4 - 4 * ndim) % itemsize:
+        raise DataError(f"{path}: header says {dims} but the payload is not whole values")
     array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {array.size} values")
+        raise DataError(f"{path}: header says {dims} but holds {array.size} values")
     return array.reshape(dims).copy()  # frombuffer views are read-only
 
 
@@ -66,6 +86,39 @@ def _find(directory: Path, stem: str) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(f"missing {stem}[.gz] in {directory}")
+
+
+def _checked(
+    images: np.ndarray, labels, num_classes: int, images_file: Path, labels_file: Path | None = None
+):
+    """One split as (images, labels) tensors, after checking that the files agree and every label
+    is a class; ``labels_file`` is the file the labels came from (default: ``images_file``)."""
+    labels_file = labels_file or images_file
+    labels = np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(
+            f"{images_file}: expected uint8 images [N, H, W(, C)], got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{labels_file}: expected a vector of integer labels, got {labels.dtype} {labels.shape}"
+        )
+    if len(images) != len(labels):
+        holds = (
+            f"{len(labels)} labels"
+            if labels_file == images_file
+            else f"{labels_file} holds {len(labels)} labels"
+        )
+        raise DataError(f"{images_file} holds {len(images)} images but {holds}")
+    if len(labels) == 0:
+        raise DataError(f"{images_file} holds no samples")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(
+            f"{labels_file}: label {labels[bad[0]]} (sample {bad[0]}) is outside 0..{num_classes - 1}"
+            + (f", and {len(bad) - 1} more" if len(bad) > 1 else "")
+        )
+    return _images(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def _images(array: np.ndarray) -> Tensor:
@@ -78,10 +131,10 @@ def _images(array: np.ndarray) -> Tensor:
 def load_fashion_mnist(data_dir: str | Path | None = None) -> ImageData:
     directory = Path(data_dir) if data_dir else DEFAULT_DIRS["fashion_mnist"]
     try:
-        parts = {
+        files = {
             split: (
-                read_idx(_find(directory, f"{prefix}-images-idx3-ubyte")),
-                read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte")),
+                _find(directory, f"{prefix}-images-idx3-ubyte"),
+                _find(directory, f"{prefix}-labels-idx1-ubyte"),
             )
             for split, prefix in (("train", "train"), ("test", "t10k"))
         }
@@ -91,15 +144,12 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> ImageData:
             "`apt-get install dataset-fashion-mnist` (what `make demo` does) or pass "
             "--data-dir pointing at the idx files."
         ) from None
+    parts = {
+        split: _checked(read_idx(images), read_idx(labels), 10, images, labels)
+        for split, (images, labels) in files.items()
+    }
     (xtr, ytr), (xte, yte) = parts["train"], parts["test"]
-    return ImageData(
-        "fashion_mnist",
-        _images(xtr),
-        torch.from_numpy(ytr.astype(np.int64)),
-        _images(xte),
-        torch.from_numpy(yte.astype(np.int64)),
-        10,
-    )
+    return ImageData("fashion_mnist", xtr, ytr, xte, yte, 10)
 
 
 def load_digits(seed: int = 0) -> ImageData:
@@ -115,46 +165,43 @@ def load_digits(seed: int = 0) -> ImageData:
     return ImageData("digits", x[tr], y[tr], x[te], y[te], 10)
 
 
-def _unpickle(path: Path) -> dict:
+def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[Tensor, Tensor]:
+    """One pickled CIFAR batch as checked (images, labels)."""
     if not path.exists():
         raise FileNotFoundError(f"missing {path}")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as err:  # a truncated or foreign pickle fails in many ways
+        raise DataError(f"{path} cannot be unpickled: {type(err).__name__}: {err}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DataError(f"{path} is not a CIFAR batch (no {b'data'!r} and {label_key!r} entries)")
+    rows = np.asarray(batch[b"data"])
+    if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: expected uint8 image rows [N, 3072], got {rows.dtype} {rows.shape}")
+    images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return _checked(images, batch[label_key], num_classes, path)
 
 
-def _cifar_images(batch: dict) -> np.ndarray:
-    return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+def _cat(batches):
+    xs, ys = zip(*batches)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def load_cifar10(data_dir: str | Path) -> ImageData:
     root = Path(data_dir)
     root = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    train = [_unpickle(root / f"data_batch_{i}") for i in range(1, 6)]
-    test = _unpickle(root / "test_batch")
-    xtr = np.concatenate([_cifar_images(b) for b in train])
-    ytr = np.concatenate([np.asarray(b[b"labels"]) for b in train])
-    return ImageData(
-        "cifar10",
-        _images(xtr),
-        torch.from_numpy(ytr.astype(np.int64)),
-        _images(_cifar_images(test)),
-        torch.tensor(test[b"labels"], dtype=torch.int64),
-        10,
-    )
+    xtr, ytr = _cat([_cifar_batch(root / f"data_batch_{i}", b"labels", 10) for i in range(1, 6)])
+    xte, yte = _cifar_batch(root / "test_batch", b"labels", 10)
+    return ImageData("cifar10", xtr, ytr, xte, yte, 10)
 
 
 def load_cifar100(data_dir: str | Path) -> ImageData:
     root = Path(data_dir)
     root = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
-    train, test = _unpickle(root / "train"), _unpickle(root / "test")
-    return ImageData(
-        "cifar100",
-        _images(_cifar_images(train)),
-        torch.tensor(train[b"fine_labels"], dtype=torch.int64),
-        _images(_cifar_images(test)),
-        torch.tensor(test[b"fine_labels"], dtype=torch.int64),
-        100,
-    )
+    xtr, ytr = _cifar_batch(root / "train", b"fine_labels", 100)
+    xte, yte = _cifar_batch(root / "test", b"fine_labels", 100)
+    return ImageData("cifar100", xtr, ytr, xte, yte, 100)
 
 
 def load_svhn(data_dir: str | Path) -> ImageData:
@@ -166,10 +213,21 @@ def load_svhn(data_dir: str | Path) -> ImageData:
         path = root / f"{split}_32x32.mat"
         if not path.exists():
             raise FileNotFoundError(f"missing {path}")
-        mat = loadmat(path)
-        x = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2)  # [32,32,3,N] → [N,32,32,3]
-        y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # SVHN stores digit 0 as 10
-        splits[split] = (_images(x), torch.from_numpy(y))
+        try:
+            mat = loadmat(path)
+            x, y = np.asarray(mat["X"], dtype=np.uint8), np.asarray(mat["y"], dtype=np.int64)
+        except Exception as err:  # scipy raises many kinds for a truncated or foreign file
+            raise DataError(f"{path} is not a readable SVHN .mat file: {type(err).__name__}: {err}") from None
+        if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.ndim != 2 or y.shape[1] != 1:
+            raise DataError(f"{path}: expected X [32, 32, 3, N] and y [N, 1], got {x.shape} and {y.shape}")
+        y = y.reshape(-1)
+        bad = np.flatnonzero((y < 1) | (y > 10))
+        if len(bad):  # checked before the mapping below, which would hide e.g. an 11
+            raise DataError(
+                f"{path}: label {y[bad[0]]} (sample {bad[0]}) is outside 1..10 (10 means digit 0)"
+            )
+        # [32,32,3,N] → [N,32,32,3]; SVHN stores digit 0 as 10
+        splits[split] = _checked(x.transpose(3, 0, 1, 2), y % 10, 10, path)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     return ImageData("svhn", xtr, ytr, xte, yte, 10)
 
@@ -182,7 +240,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
         return load_digits()
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    if data_dir is None:
+    if data_dir is None:  # name in NEEDS_DATA_DIR
         raise ValueError(f"dataset {name!r} needs --data-dir pointing at its local files (no downloads)")
     return {"cifar10": load_cifar10, "cifar100": load_cifar100, "svhn": load_svhn}[name](data_dir)
 

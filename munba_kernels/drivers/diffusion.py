@@ -34,8 +34,8 @@ from munba_kernels.evaluation.generation import save_sample_grid
 from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace
 
 from . import data as datasets
-from . import ddpm
-from .cache import cache_path, default_cache_dir, save_atomic
+from . import ddpm, options
+from .cache import cache_path, default_cache_dir, fingerprint, load_entry, save_atomic
 from .models import build_model, classifier_head
 from .unlearning import Subset, predict, train_classifier
 
@@ -89,18 +89,9 @@ class Config:
     sd_inference_steps: int = 25
 
 
-def _positive(name: str):
-    def parse(text: str):
-        value = float(text) if "." in text or "e" in text else int(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
-        return value
-
-    return parse
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
+def build_parser() -> argparse.ArgumentParser:
     d = Config()
+    positive_int, positive_float = options.positive_int, options.positive_float
     p = argparse.ArgumentParser(
         prog="python -m munba_kernels.drivers.diffusion",
         description=__doc__,
@@ -119,24 +110,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     methods = ", ".join(ddpm.UNLEARN_METHODS)
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of {methods}")
+    p.add_argument("--image-size", type=positive_int, default=d.image_size, help="DDPM resolution")
+    p.add_argument("--ddpm-steps", type=positive_int, default=d.ddpm_steps, help="pre-training steps")
+    p.add_argument("--unlearn-steps", type=positive_int, default=d.unlearn_steps)
+    p.add_argument("--unlearn-lr", type=positive_float, default=d.unlearn_lr, help="AdamW, every method")
     p.add_argument(
-        "--image-size", type=_positive("--image-size"), default=d.image_size, help="DDPM resolution"
+        "--esd-eta", type=options.finite_float, default=d.esd_eta, help="ESD negative-guidance strength"
     )
+    p.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help="DDIM steps")
     p.add_argument(
-        "--ddpm-steps", type=_positive("--ddpm-steps"), default=d.ddpm_steps, help="pre-training steps"
+        "--guidance", type=options.finite_float, default=d.guidance, help="classifier-free guidance scale"
     )
-    p.add_argument("--unlearn-steps", type=_positive("--unlearn-steps"), default=d.unlearn_steps)
-    p.add_argument(
-        "--unlearn-lr", type=_positive("--unlearn-lr"), default=d.unlearn_lr, help="AdamW, every method"
-    )
-    p.add_argument("--esd-eta", type=float, default=d.esd_eta, help="ESD negative-guidance strength")
-    p.add_argument(
-        "--sample-steps", type=_positive("--sample-steps"), default=d.sample_steps, help="DDIM steps"
-    )
-    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    p.add_argument("--samples-per-class", type=_positive("--samples-per-class"), default=d.samples_per_class)
+    p.add_argument("--samples-per-class", type=positive_int, default=d.samples_per_class)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--device", type=options.device, default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--out", default=d.out)
     p.add_argument(
         "--cache-dir", default=d.cache_dir, help="where the DDPM and judge are cached ($MUNBA_CACHE_DIR)"
@@ -162,25 +149,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
     sd.add_argument(
         "--sd-train", choices=("xattn", "full"), default=d.sd_train, help="UNet weights fine-tuned"
     )
-    sd.add_argument("--sd-steps", type=_positive("--sd-steps"), default=d.sd_steps, help="unlearning steps")
-    sd.add_argument("--sd-lr", type=_positive("--sd-lr"), default=d.sd_lr)
+    sd.add_argument("--sd-steps", type=positive_int, default=d.sd_steps, help="unlearning steps")
+    sd.add_argument("--sd-lr", type=positive_float, default=d.sd_lr)
     sd.add_argument(
-        "--sd-images", type=_positive("--sd-images"), default=d.sd_images, help="latents generated per prompt"
+        "--sd-images", type=positive_int, default=d.sd_images, help="latents generated per prompt"
     )
-    sd.add_argument(
-        "--sd-inference-steps", type=_positive("--sd-inference-steps"), default=d.sd_inference_steps
-    )
+    sd.add_argument("--sd-inference-steps", type=positive_int, default=d.sd_inference_steps)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
+    """The command line as a Config; a bad value exits through ``parser.error`` (one line, code 2).
+    Checks that need the data or the file system are :func:`check_before_work`'s."""
+    p = parser or build_parser()
     a = p.parse_args(argv)
-    chosen = (
-        list(ddpm.UNLEARN_METHODS) if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m]
-    )
-    unknown = [m for m in chosen if m not in ddpm.UNLEARN_METHODS]
-    if unknown or not chosen:
-        p.error(f"--methods: unknown {unknown}; choose from {methods} or 'all'")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda was requested but no CUDA device is available")
+    chosen = options.method_list(p, a.methods, ddpm.UNLEARN_METHODS)
     if a.pretrained is not None and (not a.forget_prompt or a.anchor_prompt is None):
         p.error("--pretrained needs at least one --forget-prompt and an --anchor-prompt")
+    if a.pretrained is None:
+        options.check_data_dir(p, a.dataset, a.data_dir)
+        sd_only = {"--forget-prompt": a.forget_prompt, "--retain-prompt": a.retain_prompt}
+        given = [o for o, v in {**sd_only, "--anchor-prompt": a.anchor_prompt}.items() if v]
+        if given:
+            p.error(f"{', '.join(given)}: only for Stable Diffusion, which needs --pretrained DIR")
     cfg = Config(
         dataset=a.dataset,
         data_dir=a.data_dir,
@@ -216,29 +207,32 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg.judge_epochs, cfg.judge_train_size = 2, min(cfg.judge_train_size, 2000)
         cfg.samples_per_class, cfg.sample_steps = min(cfg.samples_per_class, 8), min(cfg.sample_steps, 10)
         cfg.channels = [16, 32]
+    halvings = len(cfg.channels) - 1  # the UNet's down-sampling steps (ddpm.build_unet)
+    if cfg.pretrained is None and cfg.image_size % 2**halvings:
+        p.error(f"--image-size {cfg.image_size}: must be divisible by {2**halvings} (the UNet halves it)")
     return cfg
 
 
 def _check_classes(cfg: Config, num_classes: int) -> None:
     if not 0 <= cfg.forget_class < num_classes:
-        raise ValueError(f"--forget-class {cfg.forget_class} is outside 0..{num_classes - 1}")
+        raise options.OptionError(f"--forget-class {cfg.forget_class} is outside 0..{num_classes - 1}")
     if cfg.anchor_class is None:
         cfg.anchor_class = ddpm.default_anchor(cfg.forget_class, num_classes)
     if not 0 <= cfg.anchor_class < num_classes or cfg.anchor_class == cfg.forget_class:
-        raise ValueError(
+        raise options.OptionError(
             f"--anchor-class {cfg.anchor_class} must be a class in 0..{num_classes - 1} other than the forget class"
         )
 
 
-def _cached(cfg: Config, kind: str, key: dict, build, train):
-    """Load ``kind`` from the cache or build and train it; returns (model, training seconds)."""
+def _cached(cfg: Config, kind: str, key: dict, data: Subset, build, train):
+    """Load ``kind`` from the cache or build and train it on ``data``; returns (model, training seconds)."""
     key = {"version": CACHE_VERSION, "kind": kind, "dataset": cfg.dataset, "seed": cfg.seed, **key}
+    key["data"] = fingerprint(data.x, data.y)  # the content: a relabelled copy is another model
     path = cache_path(cfg.cache_dir, "diffusion", f"{kind}-{cfg.dataset}", key)
     torch.manual_seed(cfg.seed)
     model = build().to(cfg.device)
-    if path.exists():
-        saved = torch.load(path, map_location=cfg.device)
-        model.load_state_dict(saved["state_dict"])
+    saved = load_entry(path, model, cfg.device)  # None (with a warning) for a damaged file
+    if saved is not None:
         return model.eval(), saved["seconds"]
     start = time.perf_counter()
     train(model)
@@ -256,6 +250,7 @@ def judge_classifier(cfg: Config, train: Subset, in_channels: int, num_classes: 
         cfg,
         "judge",
         key,
+        data,
         lambda: build_model("narrow_resnet", in_channels, num_classes),
         lambda m: train_classifier(
             m,
@@ -285,6 +280,7 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
         cfg,
         "ddpm",
         key,
+        train,
         lambda: ddpm.build_unet(cfg.image_size, in_channels, num_classes, cfg.channels),
         lambda m: ddpm.train_ddpm(
             m,
@@ -333,9 +329,28 @@ def evaluate_generator(
     return row, images.reshape(num_classes, cfg.samples_per_class, *images.shape[1:])
 
 
-def run(cfg: Config) -> dict:
+def check_before_work(cfg: Config) -> datasets.ImageData | None:
+    """The checks that need the file system or the data, before any training: --out (and for the
+    class-conditional DDPM --cache-dir) writable, the --pretrained folder a pipeline, the data
+    loadable and consistent, the classes among its classes.  Returns the loaded data (None with
+    --pretrained); raises OptionError, DataError or FileNotFoundError naming the option or file."""
+    options.check_writable_dir("--out", cfg.out)
+    if cfg.pretrained is not None:
+        from .stable_diffusion import check_pipeline_folder
+
+        check_pipeline_folder(cfg.pretrained)
+        return None
+    options.check_writable_dir("--cache-dir", cfg.cache_dir)
     ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
     _check_classes(cfg, ds.num_classes)
+    return ds
+
+
+def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
+    """The class-conditional run (``ds``: the loaded data, default: load ``cfg.dataset``)."""
+    if ds is None:
+        ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
+        _check_classes(cfg, ds.num_classes)
     k, in_channels, dev = ds.num_classes, ds.image_shape[0], torch.device(cfg.device)
     order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))
     train = Subset(ddpm.to_model_range(ds.x_train[order], cfg.image_size).to(dev), ds.y_train[order].to(dev))
@@ -418,12 +433,15 @@ def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_na
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
+    parser = build_parser()
+    cfg = parse_args(argv, parser)
+    with options.usage_errors(parser):
+        ds = check_before_work(cfg)
     if cfg.pretrained is not None:
         from .stable_diffusion import run_stable_diffusion
 
         return run_stable_diffusion(cfg)
-    results, panels, trace = run(cfg)
+    results, panels, trace = run(cfg, ds)
     k = len(results["methods"]["Original"]["per_class_accuracy"])
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion_mnist" else [str(i) for i in range(k)]
     table = write_report(cfg, results, panels, trace, names)

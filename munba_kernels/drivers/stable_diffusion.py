@@ -27,8 +27,8 @@ from .ddpm import add_noise, denoising_loss, forget_loss
 BATCH_SIZE = 2  # latents per loss and step: Stable Diffusion fine-tuning recipes use 1–8 on one GPU
 
 
-def load_pipeline(path: str | Path, device: str = "cpu"):
-    """A StableDiffusionPipeline from a local folder, with a clear error for hub ids or typos."""
+def check_pipeline_folder(path: str | Path) -> Path:
+    """``path`` as a local pipeline folder; a clear FileNotFoundError for hub ids or typos."""
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -36,6 +36,12 @@ def load_pipeline(path: str | Path, device: str = "cpu"):
             "This driver never downloads weights: fetch the pipeline yourself (for a hub id, e.g. "
             "`huggingface-cli download ID --local-dir DIR`) and pass --pretrained DIR."
         )
+    return folder
+
+
+def load_pipeline(path: str | Path, device: str = "cpu"):
+    """A StableDiffusionPipeline from a local folder, with a clear error for hub ids or typos."""
+    folder = check_pipeline_folder(path)
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)

@@ -21,6 +21,7 @@ from torch import nn
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.evaluation import accuracy, true_class_confidence
 
+from . import options
 from .unlearning import random_labels
 
 
@@ -147,14 +148,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=150, help="unlearning steps per method")
+    parser.add_argument("--steps", type=options.positive_int, default=150, help="unlearning steps per method")
     parser.add_argument("--forget-class", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=options.positive_float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="print only the summary table")
     args = parser.parse_args(argv)
 
     problem = make_problem(forget_class=args.forget_class, seed=args.seed)
+    if not 0 <= args.forget_class < problem.num_classes:
+        parser.error(f"--forget-class {args.forget_class} is outside 0..{problem.num_classes - 1}")
     original = train_original(problem, seed=args.seed)
     results = {"original": evaluate(original, problem)}
     for method in ("munba", "naive"):
