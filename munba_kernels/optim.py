@@ -15,6 +15,7 @@ asks for it (or on DCP's initialisation step, see :meth:`MUNBaOptimizer._is_dcp_
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -260,6 +261,45 @@ class MUNBaOptimizer(Optimizer):
     def discard_forget(self) -> None:
         """Drop a captured forget gradient without stepping."""
         self._step_data["forget"] = None
+
+    @contextlib.contextmanager
+    def forget_gradients(self):
+        """Inside this block ``.grad`` *is* the forget gradient; outside, the preserve gradient.
+
+        Entering swaps every parameter's ``.grad`` for the forget gradient captured so far
+        (none the first time), leaving it, swaps back: so backward passes inside accumulate
+        into the forget gradient and those outside into the preserve gradient, in any
+        interleaving and without a copy.  This is gradient accumulation for two players::
+
+            for micro_batch in micro_batches:            # e.g. gradient_accumulation_steps
+                with opt.forget_gradients():
+                    forget_loss(micro_batch).backward()
+                preserve_loss(micro_batch).backward()
+            opt.step(); opt.zero_grad()
+
+        ``capture_forget()`` is the one-shot spelling (``.grad`` so far becomes the forget
+        gradient); a capture made either way is stepped, or dropped by ``zero_grad()``.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        forget = self._step_data["forget"] or {}
+        preserve = {p: p.grad for p in params if p.grad is not None}
+        for p in params:
+            p.grad = forget.get(p)
+        try:
+            yield self
+        finally:
+            captured = {p: p.grad for p in params if p.grad is not None}
+            for p in params:
+                p.grad = preserve.get(p)
+        for p, g in captured.items():
+            _check_grad(p, g, "forget")
+        self._step_data["forget"] = captured
+
+    def captured_forget_gradients(self) -> list[Tensor]:
+        """The captured forget gradients (empty before a capture), e.g. for a loss scaler's
+        inf check: they are not in ``.grad``, where torch's ``GradScaler`` looks."""
+        forget = self._step_data["forget"]
+        return [] if forget is None else list(forget.values())
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
