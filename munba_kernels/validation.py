@@ -147,7 +147,8 @@ def expected_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
 
 def check_state(p: Tensor, state: dict, group: dict[str, Any], state_dtype: torch.dtype) -> None:
     """A parameter's state as the kernels need it: the right keys, the parameter's shape and
-    device, ``state_dtype`` for the moments and a float32 scalar ``step``.  Metadata only,
+    device, ``state_dtype`` for the moments and a 0-dim float32 ``step`` (a [1, 1] count would broadcast a
+    per-tensor first-step select into the wrong shape).  Metadata only,
     run for every parameter at every step: keep it cheap.  Messages name no location (the
     caller adds it)."""
     expected = expected_state_keys(group)
@@ -165,9 +166,9 @@ def check_state(p: Tensor, state: dict, group: dict[str, Any], state_dtype: torc
         if t.device != p.device:
             raise ValueError(f"state[{key!r}] is on {t.device}, the parameter on {p.device}")
         if key == "step":
-            if t.numel() != 1 or t.dtype != torch.float32:
+            if t.dim() != 0 or t.dtype != torch.float32:
                 raise ValueError(
-                    f"state['step'] must be a float32 tensor with one element, got {t.dtype} of shape {tuple(t.shape)}"
+                    f"state['step'] must be a 0-dim float32 tensor, got {t.dtype} of shape {tuple(t.shape)}"
                 )
         elif t.shape != p.shape or t.dtype != state_dtype:
             raise ValueError(

@@ -95,7 +95,7 @@ def test_loading_copies_the_state_so_steps_never_reach_the_callers_state_dict(ba
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", ["adamw", "sgd"])
-@pytest.mark.parametrize("edit", ["shape", "dtype", "missing", "device"])
+@pytest.mark.parametrize("edit", ["shape", "dtype", "missing", "device", "step shape"])
 def test_states_edited_by_hand_are_refused_before_any_group_is_updated(backend, base, edit):
     """Group 0 is fine, group 1's state was edited: nothing at all may change."""
     params, opt = make(backend, base)
@@ -108,6 +108,8 @@ def test_states_edited_by_hand_are_refused_before_any_group_is_updated(backend, 
         state[key] = state[key].double()
     elif edit == "missing":
         del state["step"]
+    elif edit == "step shape":  # one element, but [1, 1] would broadcast a per-tensor select
+        state["step"] = state["step"].reshape(1, 1)
     else:
         state[key] = torch.zeros(7, device="meta")
     snap = snapshot(params, opt)
