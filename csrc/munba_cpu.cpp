@@ -1,8 +1,11 @@
 // Fused CPU kernels for MUNBaOptimizer's two passes (contract: munba_kernels/backends/base.py).
 //
-//   gram  : [ff, fr, rr] over all (g_f, g_r) pairs, accumulated in float64.
-//   adamw : one pass per tensor: d = c_f*(s_f*g_f) + c_r*(s_r*g_r), then torch.optim.AdamW's update.
+//   gram  : the packed Gram [K(K+1)/2] of K players' gradients (K = 2: [ff, fr, rr]), in float64.
+//   adamw : one pass per tensor: d = sum_k c_k*(s_k*g_k), then torch.optim.AdamW's update.
 //   sgd   : one pass per tensor: the same d, then torch.optim.SGD's update.
+//
+// d lives only in registers (or an L1 tile for K >= 3) in the math type, never rounded to the
+// gradient dtype: the fused step is more precise than feeding d to torch.optim as .grad.
 //
 // The s are powers of two that keep huge or tiny bargaining coefficients inside the math
 // type's range (backends/base.py: kernel_coefficients); s = 1 gives the same bits as c*g.
@@ -184,12 +187,13 @@ struct Fp32Tile {
   }
 };
 
-// Runs run(p, f, r, n, states...) on one chunk: directly, or for bf16 over fp32 tiles.
-template <typename T, typename Run, typename... States>
-void on_chunk(const Run& run, int64_t n, T* p, const T* f, const T* r, States*... states) {
+// Runs run(p, f, r, n, states...) on one chunk: directly, or for bf16 over fp32 tiles.  The
+// gradients' type G is T, or float (a direction combined in the math type, K >= 3).
+template <typename T, typename G, typename Run, typename... States>
+void on_chunk(const Run& run, int64_t n, T* p, const G* f, const G* r, States*... states) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     Fp32Tile<T> tp{p};
-    Fp32Tile<const T> tf{f}, tr{r};
+    Fp32Tile<const G> tf{f}, tr{r};
     std::tuple<Fp32Tile<States>...> ts{Fp32Tile<States>{states}...};
     for (int64_t b = 0; b < n; b += kTile) {
       const int64_t len = std::min(kTile, n - b);
@@ -273,57 +277,116 @@ void gram_chunk(const T* f, const T* r, int64_t n, double out[3]) {
   out[2] = pairwise(rr);
 }
 
-Tensor gram(const OptTensors& forget, const OptTensors& preserve) {
-  TORCH_CHECK(forget.size() == preserve.size(), "munba_cpu.gram: ", forget.size(), " forget vs ",
-              preserve.size(), " preserve gradients");
-  const size_t count = forget.size();
-  std::vector<Tensor> fs(count), rs(count);
+// Sums of a*b over n elements in the lanes and fold of gram_chunk, so that dot_chunk(f, f)
+// is bitwise gram_chunk's ff and dot_chunk(f, r) its fr: the K >= 3 Gram sums each pair
+// with it (the chunk is in cache, so re-reading it per pair costs no memory traffic).
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double dot_chunk(const T* a, const T* b, int64_t n) {
+  v4d s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    s0 += load4(a + i) * load4(b + i);
+    s1 += load4(a + i + 4) * load4(b + i + 4);
+  }
+  double lanes[8];
+  for (int k = 0; k < 4; ++k) {
+    lanes[k] = s0[k], lanes[k + 4] = s1[k];
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {
+    lanes[lane] += load<double>(a[i]) * load<double>(b[i]);
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// grads[k][i]: player k's gradient of tensor i (nullopt or undefined = missing).
+using Players = std::vector<OptTensors>;
+
+bool present(const OptTensors& grads, size_t i) {
+  return grads[i].has_value() && grads[i]->defined();
+}
+
+size_t tensor_count(const Players& grads, const char* where) {
+  TORCH_CHECK(grads.size() >= 2, where, ": ", grads.size(), " players, expected at least 2");
+  for (const auto& player : grads) {
+    TORCH_CHECK(player.size() == grads[0].size(), where, ": players with ", grads[0].size(), " and ",
+                player.size(), " gradients");
+  }
+  return grads[0].size();
+}
+
+Tensor gram(const Players& grads) {
+  const size_t count = tensor_count(grads, "munba_cpu.gram");
+  const size_t players = grads.size();
+  std::vector<std::pair<size_t, size_t>> pairs;  // packed order: the upper triangle, row by row
+  for (size_t i = 0; i < players; ++i) {
+    for (size_t j = i; j < players; ++j) {
+      pairs.emplace_back(i, j);
+    }
+  }
+  std::vector<std::vector<Tensor>> gs(players, std::vector<Tensor>(count));
   std::vector<int64_t> numels(count);
   for (size_t i = 0; i < count; ++i) {
-    const bool has_f = forget[i].has_value() && forget[i]->defined();
-    const bool has_r = preserve[i].has_value() && preserve[i]->defined();
-    TORCH_CHECK(has_f || has_r, "munba_cpu.gram: pair ", i, " has neither gradient");
-    Tensor like = has_f ? *forget[i] : *preserve[i];
-    if (has_f) check_gradient(*forget[i], like, "forget", i);
-    if (has_r) check_gradient(*preserve[i], like, "preserve", i);
+    size_t first = players;
+    for (size_t k = players; k-- > 0;) {
+      if (present(grads[k], i)) first = k;
+    }
+    TORCH_CHECK(first < players, "munba_cpu.gram: tensor ", i, " has no gradient");
+    Tensor like = *grads[first][i];
+    for (size_t k = 0; k < players; ++k) {
+      if (present(grads[k], i)) check_gradient(*grads[k][i], like, "gradient", i);
+    }
     TORCH_CHECK(is_supported_dtype(like.scalar_type()), "munba_cpu.gram: unsupported dtype ",
                 like.scalar_type());
     if (!like.is_non_overlapping_and_dense()) {
       like = like.contiguous();
     }
-    if (has_f) fs[i] = in_layout_of(*forget[i], like);
-    if (has_r) rs[i] = in_layout_of(*preserve[i], like);
+    for (size_t k = 0; k < players; ++k) {
+      if (present(grads[k], i)) gs[k][i] = in_layout_of(*grads[k][i], like);
+    }
     numels[i] = like.numel();
   }
 
+  const size_t width = pairs.size();
   const std::vector<Chunk> chunks = split_into_chunks(numels);
-  std::vector<double> partials(3 * chunks.size());
+  std::vector<double> partials(width * chunks.size());
   parallel_chunks(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    const Tensor& f = fs[ch.tensor];
-    const Tensor& r = rs[ch.tensor];
-    const auto dtype = (f.defined() ? f : r).scalar_type();
-    double* out = &partials[3 * c];
+    double* out = &partials[width * c];
+    at::ScalarType dtype = at::kFloat;
+    for (size_t k = 0; k < players; ++k) {
+      if (gs[k][ch.tensor].defined()) dtype = gs[k][ch.tensor].scalar_type();
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "munba_cpu_gram", [&] {
-      const scalar_t* fp = f.defined() ? f.const_data_ptr<scalar_t>() + ch.begin : nullptr;
-      const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      auto slice = [&](size_t k) -> const scalar_t* {
+        const Tensor& g = gs[k][ch.tensor];
+        return g.defined() ? g.const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      };
       const int64_t n = ch.end - ch.begin;
-      if (fp && rp) {
-        gram_chunk<scalar_t, true, true>(fp, rp, n, out);
-      } else if (fp) {
-        gram_chunk<scalar_t, true, false>(fp, rp, n, out);
-      } else {
-        gram_chunk<scalar_t, false, true>(fp, rp, n, out);
+      if (players == 2) {  // one fused read of both gradients
+        const scalar_t *fp = slice(0), *rp = slice(1);
+        if (fp && rp) {
+          gram_chunk<scalar_t, true, true>(fp, rp, n, out);
+        } else if (fp) {
+          gram_chunk<scalar_t, true, false>(fp, rp, n, out);
+        } else {
+          gram_chunk<scalar_t, false, true>(fp, rp, n, out);
+        }
+        return;
+      }
+      for (size_t q = 0; q < width; ++q) {
+        const scalar_t *a = slice(pairs[q].first), *b = slice(pairs[q].second);
+        out[q] = a && b ? dot_chunk(a, b, n) : 0.0;
       }
     });
   });
 
   // Chunk partials are added in chunk order: deterministic for any thread count.
-  auto result = at::zeros({3}, at::TensorOptions().dtype(at::kDouble));
+  auto result = at::zeros({int64_t(width)}, at::TensorOptions().dtype(at::kDouble));
   double* total = result.data_ptr<double>();
   for (size_t c = 0; c < chunks.size(); ++c) {
-    for (int k = 0; k < 3; ++k) {
-      total[k] += partials[3 * c + k];
+    for (size_t q = 0; q < width; ++q) {
+      total[q] += partials[width * c + q];
     }
   }
   return result;
@@ -334,17 +397,18 @@ Tensor gram(const OptTensors& forget, const OptTensors& preserve) {
 // The tensors of one bucket, validated and laid out so that every stream of tensor t can be
 // walked linearly over [0, numel) in lockstep with the parameter.
 struct Bucket {
-  std::vector<Tensor> params, forget, preserve;  // forget/preserve: undefined = missing
+  std::vector<Tensor> params;
+  std::vector<std::vector<Tensor>> grads;  // [player][tensor]; undefined = missing
   std::vector<int64_t> numels;
   at::ScalarType dtype = at::kFloat;
   at::ScalarType state_dtype = at::kFloat;  // dtype of every state tensor (no states: dtype)
 };
 
-Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
+Bucket make_bucket(const std::vector<Tensor>& params, const Players& grads,
                    const std::vector<const std::vector<Tensor>*>& states) {
   const size_t count = params.size();
-  TORCH_CHECK(forget.size() == count && preserve.size() == count, "munba_cpu: ", count, " params but ",
-              forget.size(), " forget and ", preserve.size(), " preserve gradients");
+  TORCH_CHECK(tensor_count(grads, "munba_cpu") == count, "munba_cpu: ", count, " params but ",
+              grads[0].size(), " gradients per player");
   Bucket b;
   b.dtype = count ? params[0].scalar_type() : at::kFloat;
   TORCH_CHECK(is_supported_dtype(b.dtype), "munba_cpu: unsupported dtype ", b.dtype);
@@ -356,6 +420,7 @@ Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, 
   TORCH_CHECK(b.state_dtype == b.dtype || (low_precision && b.state_dtype == at::kFloat),
               "munba_cpu: states of dtype ", b.state_dtype, " for ", b.dtype,
               " parameters (expected the parameter dtype, or float32 for bfloat16/float16)");
+  b.grads.assign(grads.size(), {});
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == b.dtype, "munba_cpu: params[", i,
@@ -369,36 +434,34 @@ Bucket make_bucket(const std::vector<Tensor>& params, const OptTensors& forget, 
                   "munba_cpu: the state of params[", i, "] does not match the bucket's state dtype ",
                   b.state_dtype, " or the parameter's shape/layout");
     }
-    const bool has_f = forget[i].has_value() && forget[i]->defined();
-    const bool has_r = preserve[i].has_value() && preserve[i]->defined();
-    TORCH_CHECK(has_f || has_r, "munba_cpu: params[", i, "] has neither gradient");
-    if (has_f) {
-      check_gradient(*forget[i], p, "forget", i);
-      b.forget.push_back(in_layout_of(*forget[i], p));
-    } else {
-      b.forget.emplace_back();
+    bool any = false;
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (present(grads[k], i)) {
+        check_gradient(*grads[k][i], p, "gradient", i);
+        b.grads[k].push_back(in_layout_of(*grads[k][i], p));
+        any = true;
+      } else {
+        b.grads[k].emplace_back();
+      }
     }
-    if (has_r) {
-      check_gradient(*preserve[i], p, "preserve", i);
-      b.preserve.push_back(in_layout_of(*preserve[i], p));
-    } else {
-      b.preserve.emplace_back();
-    }
+    TORCH_CHECK(any, "munba_cpu: params[", i, "] has no gradient");
     b.params.push_back(p);
     b.numels.push_back(p.numel());
   }
   return b;
 }
 
-// Host scalars read once per call: the coefficients [c_f, c_r, s_f, s_r] (float64) and the skip flag.
+// Host scalars read once per call: the coefficients [c_1..c_K, s_1..s_K] (float64) and the skip flag.
 struct Direction {
-  double cf, cr, sf, sr;
+  std::vector<double> c, s;
 };
 
-std::optional<Direction> read_direction(const Tensor& coefficients, const Tensor& skip, bool maximize) {
+std::optional<Direction> read_direction(const Tensor& coefficients, size_t players, const Tensor& skip,
+                                        bool maximize) {
   TORCH_CHECK(coefficients.device().is_cpu() && coefficients.scalar_type() == at::kDouble &&
-                  coefficients.numel() == 4,
-              "munba_cpu: coefficients must be a 4-element float64 CPU tensor [c_f, c_r, s_f, s_r]");
+                  coefficients.numel() == int64_t(2 * players),
+              "munba_cpu: coefficients must be a float64 CPU tensor [c_1..c_K, s_1..s_K] of ", 2 * players,
+              " elements");
   TORCH_CHECK(skip.device().is_cpu() && skip.numel() == 1, "munba_cpu: skip must be a 1-element CPU tensor");
   // As torch's fused optimizers' found_inf: exactly 1.0 skips the whole step.
   if (skip.item<float>() == 1.0f) {
@@ -407,14 +470,19 @@ std::optional<Direction> read_direction(const Tensor& coefficients, const Tensor
   const Tensor c = coefficients.contiguous();
   const double* cp = c.const_data_ptr<double>();
   // maximize (d = -d) is folded into the coefficients: negation is exact, so
-  // (-c_f)*g_f + (-c_r)*g_r rounds to exactly -(c_f*g_f + c_r*g_r).
+  // (-c_1)*g_1 + (-c_2)*g_2 rounds to exactly -(c_1*g_1 + c_2*g_2).
   const double sign = maximize ? -1.0 : 1.0;
-  return Direction{sign * cp[0], sign * cp[1], cp[2], cp[3]};
+  Direction dir;
+  for (size_t k = 0; k < players; ++k) {
+    dir.c.push_back(sign * cp[k]);
+    dir.s.push_back(cp[players + k]);
+  }
+  return dir;
 }
 
 // d = c_f*(s_f*g_f) + c_r*(s_r*g_r) in op_t, with the same operation order as the reference backend.
-template <bool kF, bool kR, typename op_t, typename T>
-inline op_t direction(const T* f, const T* r, int64_t i, op_t cf, op_t cr, op_t sf, op_t sr) {
+template <bool kF, bool kR, typename op_t, typename G>
+inline op_t direction(const G* f, const G* r, int64_t i, op_t cf, op_t cr, op_t sf, op_t sr) {
   if constexpr (kF && kR) {
     return (load<op_t>(f[i]) * sf) * cf + (load<op_t>(r[i]) * sr) * cr;
   } else if constexpr (kF) {
@@ -452,17 +520,44 @@ void with_state_type(at::ScalarType state_dtype, const Body& body) {
   body(T{});
 }
 
-// Calls body(kF, kR, p, f, r, n) for one update chunk: its slice of the parameter and of the
-// gradients (null when missing), with the gradients' presence as compile-time booleans.
+// Calls body(kF, kR, p, f, r, n) for one update chunk, with f, r the first and last player's
+// gradient slices and c, s their coefficients (so that the two-player fused loops serve
+// every K).  With K >= 3 players the direction is combined tile by tile into an L1 buffer in
+// the math type (players added in order, as the reference), which then acts as the only
+// gradient, with coefficient 1 — no per-presence-pattern instances are needed.
 template <typename T, typename Body>
-void for_update_chunk(const Bucket& b, const Chunk& ch, const Body& body) {
-  const Tensor& f = b.forget[ch.tensor];
-  const Tensor& r = b.preserve[ch.tensor];
+void for_update_chunk(const Bucket& b, const Chunk& ch, const Direction& dir, const Body& body) {
+  using op_t = at::opmath_type<T>;
   T* p = b.params[ch.tensor].data_ptr<T>() + ch.begin;
-  const T* fp = f.defined() ? f.const_data_ptr<T>() + ch.begin : nullptr;
-  const T* rp = r.defined() ? r.const_data_ptr<T>() + ch.begin : nullptr;
-  with_presence(fp != nullptr, rp != nullptr,
-                [&](auto kF, auto kR) { body(kF, kR, p, fp, rp, ch.end - ch.begin); });
+  auto slice = [&](size_t k) -> const T* {
+    const Tensor& g = b.grads[k][ch.tensor];
+    return g.defined() ? g.const_data_ptr<T>() + ch.begin : nullptr;
+  };
+  const int64_t n = ch.end - ch.begin;
+  if (b.grads.size() == 2) {
+    const T *fp = slice(0), *rp = slice(1);
+    with_presence(fp != nullptr, rp != nullptr, [&](auto kF, auto kR) {
+      body(kF, kR, p, fp, rp, n, op_t(dir.c[0]), op_t(dir.c[1]), op_t(dir.s[0]), op_t(dir.s[1]), int64_t(0));
+    });
+    return;
+  }
+  op_t sum[kTile];
+  for (int64_t begin = 0; begin < n; begin += kTile) {
+    const int64_t len = std::min(kTile, n - begin);
+    bool first = true;
+    for (size_t k = 0; k < b.grads.size(); ++k) {
+      const T* g = slice(k);
+      if (!g) continue;
+      const op_t c = op_t(dir.c[k]), s = op_t(dir.s[k]);
+      for (int64_t i = 0; i < len; ++i) {
+        const op_t term = (load<op_t>(g[begin + i]) * s) * c;
+        sum[i] = first ? term : sum[i] + term;
+      }
+      first = false;
+    }
+    body(std::true_type{}, std::false_type{}, p + begin, static_cast<const op_t*>(sum),
+         static_cast<const op_t*>(nullptr), len, op_t(1), op_t(0), op_t(1), op_t(1), begin);
+  }
 }
 
 // Per-tensor AdamW constants (bias corrections depend on the tensor's own step count).
@@ -479,9 +574,10 @@ struct AdamConsts {
 
 // torch.optim.AdamW (fused CPU kernel's formulas and operation order; it uses one FMA in
 // the lerp where this uses a multiply and an add, so fp32 results may differ by one ulp).
-template <bool kF, bool kR, typename T, typename S, typename op_t>
+// G is the gradients' type: T, or the math type for a direction combined over K >= 3 players.
+template <bool kF, bool kR, typename T, typename G, typename S, typename op_t>
 __attribute__((target_clones("avx512f", "avx2", "default")))  // sqrt and two divides per element
-void adamw_chunk(T* p, S* m, S* v, const T* f, const T* r, int64_t n, const AdamConsts<op_t>& k,
+void adamw_chunk(T* p, S* m, S* v, const G* f, const G* r, int64_t n, const AdamConsts<op_t>& k,
                  const AdamTensorConsts<op_t>& t) {
   // Constants are copied into locals: the stores below could alias `k` and `t` as far as the
   // compiler knows, which would force a reload each iteration and block vectorisation.
@@ -506,26 +602,28 @@ void adamw_chunk(T* p, S* m, S* v, const T* f, const T* r, int64_t n, const Adam
   }
 }
 
-void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
-           const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
-           const std::vector<Tensor>& steps, const Tensor& coefficients, const Tensor& skip, double lr,
-           double beta1, double beta2, double eps, double weight_decay, bool maximize) {
-  const Bucket b = make_bucket(params, forget, preserve, {&exp_avgs, &exp_avg_sqs});
-  TORCH_CHECK(steps.size() == params.size(), "munba_cpu.adamw: ", params.size(), " params but ",
-              steps.size(), " step counts");
+void check_steps(const std::vector<Tensor>& steps, size_t count, const char* where) {
+  TORCH_CHECK(steps.size() == count, where, ": ", count, " params but ", steps.size(), " step counts");
   for (size_t i = 0; i < steps.size(); ++i) {
     TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                "munba_cpu.adamw: state['step'] of params[", i, "] must be a float32 CPU scalar tensor");
+                where, ": state['step'] of params[", i, "] must be a float32 CPU scalar tensor");
   }
-  const std::optional<Direction> dir = read_direction(coefficients, skip, maximize);
+}
+
+void adamw(const std::vector<Tensor>& params, const Players& grads, const std::vector<Tensor>& exp_avgs,
+           const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps, const Tensor& coefficients,
+           const Tensor& skip, double lr, double beta1, double beta2, double eps, double weight_decay,
+           bool maximize) {
+  const Bucket b = make_bucket(params, grads, {&exp_avgs, &exp_avg_sqs});
+  check_steps(steps, params.size(), "munba_cpu.adamw");
+  const std::optional<Direction> dir = read_direction(coefficients, grads.size(), skip, maximize);
   if (!dir) {
     return;  // skipped: nothing is written, step counts included
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_adamw", [&] {
     using op_t = at::opmath_type<scalar_t>;
-    const AdamConsts<op_t> k{op_t(dir->cf), op_t(dir->cr),    op_t(dir->sf),   op_t(dir->sr),
-                             op_t(1 - beta1), op_t(beta2),     op_t(1 - beta2), op_t(eps),
-                             std::abs(1 - beta1) >= 0.5};
+    const AdamConsts<op_t> base{0, 0, 0, 0, op_t(1 - beta1), op_t(beta2), op_t(1 - beta2), op_t(eps),
+                                std::abs(1 - beta1) >= 0.5};
     // Step counts advance first; bias corrections in double from the float32 count, as torch.
     std::vector<AdamTensorConsts<op_t>> per_tensor;
     for (const Tensor& s : steps) {
@@ -544,12 +642,18 @@ void adamw(const std::vector<Tensor>& params, const OptTensors& forget, const Op
         const Chunk& ch = chunks[c];
         state_t* m = exp_avgs[ch.tensor].data_ptr<state_t>() + ch.begin;
         state_t* v = exp_avg_sqs[ch.tensor].data_ptr<state_t>() + ch.begin;
-        for_update_chunk<scalar_t>(b, ch, [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n) {
-          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* m_, auto* v_) {
-            adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p_, m_, v_, f_, r_, len, k, per_tensor[ch.tensor]);
-          };
-          on_chunk(run, n, p, fp, rp, m, v);
-        });
+        for_update_chunk<scalar_t>(
+            b, ch, *dir,
+            [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n, op_t cf, op_t cr, op_t sf, op_t sr,
+                int64_t offset) {
+              AdamConsts<op_t> k = base;
+              k.cf = cf, k.cr = cr, k.sf = sf, k.sr = sr;
+              auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* m_, auto* v_) {
+                adamw_chunk<decltype(kF)::value, decltype(kR)::value>(p_, m_, v_, f_, r_, len, k,
+                                                                        per_tensor[ch.tensor]);
+              };
+              on_chunk(run, n, p, fp, rp, m + offset, v + offset);
+            });
       });
     });
   });
@@ -562,10 +666,10 @@ struct SgdConsts {
 };
 
 // torch.optim.SGD (fused CPU kernel's formulas and operation order).  Without momentum
-// there is no buffer (kMomentum false, buf unused).
-template <bool kF, bool kR, bool kMomentum, typename T, typename S, typename op_t>
+// there is no buffer (kMomentum false, buf unused).  G: as adamw_chunk's.
+template <bool kF, bool kR, bool kMomentum, typename T, typename G, typename S, typename op_t>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sgd_chunk(T* p, S* buf, const T* f, const T* r, int64_t n, const SgdConsts<op_t>& k) {
+void sgd_chunk(T* p, S* buf, const G* f, const G* r, int64_t n, const SgdConsts<op_t>& k) {
   // Locals, not k's fields: see adamw_chunk.
   const op_t cf = k.cf, cr = k.cr, sf = k.sf, sr = k.sr, weight_decay = k.weight_decay, momentum = k.momentum;
   const op_t one_minus_dampening = k.one_minus_dampening, lr = k.lr;
@@ -585,23 +689,17 @@ void sgd_chunk(T* p, S* buf, const T* f, const T* r, int64_t n, const SgdConsts<
   }
 }
 
-void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptTensors& preserve,
-         const std::vector<Tensor>& momentum_buffers, const std::vector<Tensor>& steps, const Tensor& coefficients,
-         const Tensor& skip, double lr, double momentum, double dampening, bool nesterov, double weight_decay,
-         bool maximize) {
+void sgd(const std::vector<Tensor>& params, const Players& grads, const std::vector<Tensor>& momentum_buffers,
+         const std::vector<Tensor>& steps, const Tensor& coefficients, const Tensor& skip, double lr,
+         double momentum, double dampening, bool nesterov, double weight_decay, bool maximize) {
   const bool has_momentum = momentum != 0;
   std::vector<const std::vector<Tensor>*> states;
   if (has_momentum) {
     states.push_back(&momentum_buffers);
-    TORCH_CHECK(steps.size() == params.size(), "munba_cpu.sgd: ", params.size(), " params but ", steps.size(),
-                " step counts");
-    for (size_t i = 0; i < steps.size(); ++i) {
-      TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                  "munba_cpu.sgd: state['step'] of params[", i, "] must be a float32 CPU scalar tensor");
-    }
+    check_steps(steps, params.size(), "munba_cpu.sgd");
   }
-  const Bucket b = make_bucket(params, forget, preserve, states);
-  const std::optional<Direction> dir = read_direction(coefficients, skip, maximize);
+  const Bucket b = make_bucket(params, grads, states);
+  const std::optional<Direction> dir = read_direction(coefficients, grads.size(), skip, maximize);
   if (!dir) {
     return;  // skipped: nothing is written, step counts included
   }
@@ -615,28 +713,33 @@ void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptT
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.dtype, "munba_cpu_sgd", [&] {
     using op_t = at::opmath_type<scalar_t>;
-    SgdConsts<op_t> k{op_t(dir->cf),     op_t(dir->cr),     op_t(dir->sf),       op_t(dir->sr),
-                      op_t(weight_decay), op_t(momentum),    op_t(1 - dampening), op_t(lr),
-                      weight_decay != 0,  false,             nesterov};
-    SgdConsts<op_t> k_first = k;
-    k_first.first_step = true;
+    const SgdConsts<op_t> base{0,                  0,
+                               0,                  0,
+                               op_t(weight_decay), op_t(momentum),
+                               op_t(1 - dampening), op_t(lr),
+                               weight_decay != 0,  false,
+                               nesterov};
     const std::vector<Chunk> chunks = split_into_chunks(b.numels);
     with_state_type<scalar_t>(b.state_dtype, [&](auto state_tag) {
       using state_t = decltype(state_tag);
       parallel_chunks(chunks, [&](int64_t c) {
         const Chunk& ch = chunks[c];
         state_t* buf = has_momentum ? momentum_buffers[ch.tensor].data_ptr<state_t>() + ch.begin : nullptr;
-        const SgdConsts<op_t>& kc = first[ch.tensor] ? k_first : k;
-        for_update_chunk<scalar_t>(b, ch, [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n) {
-          auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* buf_) {
-            if (has_momentum) {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, len, kc);
-            } else {
-              sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, len, kc);
-            }
-          };
-          on_chunk(run, n, p, fp, rp, buf);
-        });
+        for_update_chunk<scalar_t>(
+            b, ch, *dir,
+            [&](auto kF, auto kR, auto* p, auto* fp, auto* rp, int64_t n, op_t cf, op_t cr, op_t sf, op_t sr,
+                int64_t offset) {
+              SgdConsts<op_t> k = base;
+              k.cf = cf, k.cr = cr, k.sf = sf, k.sr = sr, k.first_step = first[ch.tensor];
+              auto run = [&](auto* p_, auto* f_, auto* r_, int64_t len, auto* buf_) {
+                if (has_momentum) {
+                  sgd_chunk<decltype(kF)::value, decltype(kR)::value, true>(p_, buf_, f_, r_, len, k);
+                } else {
+                  sgd_chunk<decltype(kF)::value, decltype(kR)::value, false>(p_, buf_, f_, r_, len, k);
+                }
+              };
+              on_chunk(run, n, p, fp, rp, buf ? buf + offset : buf);
+            });
       });
     });
   });
@@ -645,17 +748,18 @@ void sgd(const std::vector<Tensor>& params, const OptTensors& forget, const OptT
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "munba_kernels fused CPU kernels: Gram pass and bargained AdamW/SGD update pass";
-  // The kernels touch no Python objects, so other Python threads may run meanwhile.
+  m.doc() = "munba_kernels fused CPU kernels: Gram pass and bargained AdamW/SGD update pass, K players";
+  // The kernels touch no Python objects, so other Python threads may run meanwhile.  The
+  // scalar arguments follow the field order of AdamWHyper / SGDHyper (backends/base.py).
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("gram", &gram, "float64 [ff, fr, rr] over all gradient pairs (None = zero)", py::arg("forget"),
-        py::arg("preserve"), nogil);
-  m.def("adamw", &adamw, "bargained AdamW update, in place", py::arg("params"), py::arg("forget"),
-        py::arg("preserve"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"),
-        py::arg("coefficients"), py::arg("skip"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), nogil);
-  m.def("sgd", &sgd, "bargained SGD update, in place", py::arg("params"), py::arg("forget"),
-        py::arg("preserve"), py::arg("momentum_buffers"), py::arg("steps"), py::arg("coefficients"),
-        py::arg("skip"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
-        py::arg("weight_decay"), py::arg("maximize"), nogil);
+  m.def("gram", &gram, "packed float64 Gram [K(K+1)/2] of grads[player][tensor] (None = zero)",
+        py::arg("grads"), nogil);
+  m.def("adamw", &adamw, "bargained AdamW update, in place", py::arg("params"), py::arg("grads"),
+        py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("coefficients"), py::arg("skip"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("maximize"), nogil);
+  m.def("sgd", &sgd, "bargained SGD update, in place", py::arg("params"), py::arg("grads"),
+        py::arg("momentum_buffer"), py::arg("step"), py::arg("coefficients"), py::arg("skip"), py::arg("lr"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"),
+        py::arg("maximize"), nogil);
 }

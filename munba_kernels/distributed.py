@@ -1,8 +1,8 @@
 """Sharded training: kernels see local shards, the Gram partials cross ranks in one all-reduce.
 
-The bargaining weights need the *global* Gram matrix of the two gradients.  Its entries are
-sums over elements, so each rank computes them over the shards it holds and one all-reduce
-of three float64 scalars completes them — per step, that is all the communication MUNBa
+The bargaining weights need the *global* Gram matrix of the players' gradients.  Its entries
+are sums over elements, so each rank computes them over the shards it holds and one
+all-reduce of K(K+1)/2 float64 scalars (three for two players) completes them — per step, that is all the communication MUNBa
 adds.  Everything else (the update pass, the optimizer states) stays local to the shard.
 
 Which tensors are sharded, and over which ranks, is read from the parameters:
@@ -33,7 +33,6 @@ except ImportError:  # torch built without distributed support
 
 __all__ = ["local_tensor", "global_gram", "check_fsdp1"]
 
-Pair = tuple[Tensor | None, Tensor | None]
 
 
 def local_tensor(t: Tensor | None) -> Tensor | None:
@@ -71,25 +70,27 @@ def check_fsdp1(params: Sequence[Tensor], process_group) -> None:
 
 
 def global_gram(
-    gram: Callable[[list, list], Tensor],
-    triples: Sequence[tuple[Tensor, Tensor | None, Tensor | None]],
+    gram: Callable[[list[list]], Tensor],
+    present: Sequence[tuple[Tensor, tuple[Tensor | None, ...]]],
+    players: int,
     process_group=None,
 ) -> Tensor:
-    """``[ff, fr, rr]`` over the whole model from ``(param, g_f, g_r)`` triples of local shards.
+    """The packed Gram over the whole model from ``(param, (g_1, ..., g_K))`` of local shards.
 
-    ``gram(forgets, preserves)`` is the backend's pass 1.  Sharded tensors (DTensors with a
-    ``Shard`` placement, or every tensor when ``process_group`` is given) go through one
-    pass whose result is all-reduced; whole tensors through another, added afterwards,
-    so replicated gradients are never counted once per rank.
+    ``gram(grads)`` (``grads[player][tensor]``) is the backend's pass 1.  Sharded tensors
+    (DTensors with a ``Shard`` placement, or every tensor when ``process_group`` is given)
+    go through one pass whose result is all-reduced — K(K+1)/2 float64 scalars, whatever K —
+    whole tensors through another, added afterwards, so replicated gradients are never
+    counted once per rank.
     """
-    sharded: list[Pair] = []
-    whole: list[Pair] = []
+    sharded: list[tuple] = []
+    whole: list[tuple] = []
     groups: set[tuple] = set()
-    for p, gf, gr in triples:
+    for p, grads in present:
         shard_groups = (process_group,) if process_group is not None else ()
         if isinstance(p, DTensor):
             shard_groups = _shard_groups(p)
-        (sharded if shard_groups else whole).append((local_tensor(gf), local_tensor(gr)))
+        (sharded if shard_groups else whole).append(tuple(local_tensor(g) for g in grads))
         if shard_groups:
             groups.add(shard_groups)
     if len(groups) > 1:
@@ -98,8 +99,8 @@ def global_gram(
             "MUNBaOptimizer needs all sharded parameters on one mesh (create one per mesh)"
         )
 
-    def partial(pairs: list[Pair]) -> Tensor:
-        return gram([gf for gf, _ in pairs], [gr for _, gr in pairs])
+    def partial(tensors: list[tuple]) -> Tensor:
+        return gram([[t[k] for t in tensors] for k in range(players)])
 
     if not sharded:
         return partial(whole)

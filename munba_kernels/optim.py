@@ -1,10 +1,14 @@
-"""MUNBaOptimizer: a drop-in ``torch.optim.Optimizer`` that bargains between two losses.
+"""MUNBaOptimizer: a drop-in ``torch.optim.Optimizer`` that bargains between K ≥ 2 losses.
 
-One step, for the parameters of *all* groups:
+One step, for the parameters of *all* groups (two players, forget and preserve, by default):
 
     forget backward → capture_forget() moves .grad aside (no copy) → preserve backward
     → pass 1: Gram (ff, fr, rr) in float64 → α solved on the device (bargaining.py)
     → pass 2: d = α_f g_f + α_r g_r replaces the gradient in AdamW or SGD.
+
+With ``players=(name_1, ..., name_K)`` every player but the last is captured by name
+(``capture(name)`` or ``with opt.gradients_of(name): ...``), the last is the live ``.grad``,
+and the Gram has K(K+1)/2 entries.
 
 The optimizer owns the bookkeeping (groups, state); the rules it checks them against live
 in ``validation.py``, the passes in ``backends/``.  A step validates everything it will
@@ -25,7 +29,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor  # data-less: no storage to compare
 from torch.optim import Optimizer
 
-from . import backends, distributed, validation
+from . import backends, bargaining_k, distributed, validation
 from .backends.base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, kernel_coefficients
 from .bargaining import DEFAULT_OPPOSITION_TOL, Bargain, BargainStatus, solve_bargain, validate_power
 
@@ -33,6 +37,7 @@ __all__ = ["MUNBaOptimizer"]
 
 #: Optimizer-wide settings (one Gram, one bargain per step): pickled with the optimizer.
 _SETTINGS = (
+    "players",
     "state_dtype",
     "gram_process_group",
     "capturable",
@@ -42,6 +47,10 @@ _SETTINGS = (
     "nonfinite",
     "backend",
 )
+#: The bargaining settings a state dict carries (in every saved group, under "munba"), so a
+#: resumed run continues with the settings it was saved with, as torch does for lr & co.
+_SAVED_SETTINGS = ("players", "bargaining_power", "max_grad_norm", "opposition_tol", "nonfinite", "state_dtype")
+_STATE_DTYPES = {None: None, "float32": torch.float32}
 
 
 class MUNBaOptimizer(Optimizer):
@@ -70,7 +79,10 @@ class MUNBaOptimizer(Optimizer):
         max_grad_norm: clip ``‖d‖`` to this value.  ``‖d‖`` is known from the Gram
             entries (``sqrt(w_f + w_r)`` when non-degenerate), so clipping costs no pass.
             The clip is exact (no ``+1e-6`` as in ``clip_grad_norm_``).
-        bargaining_power: ``(w_f, w_r)``, each in [1e-150, 1e150]; α solves
+        players: the players' names, K ≥ 2 (default ``("forget", "preserve")``); the last is
+            the live ``.grad`` at ``step()``, the others are captured by name.
+        bargaining_power: one power per player (a K-tuple, or a mapping from names; default
+            all 1; two players: ``(w_f, w_r)``), each in [1e-150, 1e150]; α solves
             ``(GᵀG) α = w/α``.  Scaling either *loss* never changes d; changing the power
             does.  ‖d‖² = w_f + w_r, so the largest step (after ``max_grad_norm``) must fit
             the parameters' dtype (``validation.step_norm_limit``: 16 for float16).
@@ -123,42 +135,32 @@ class MUNBaOptimizer(Optimizer):
         nesterov: bool = False,
         maximize: bool = False,
         max_grad_norm: float | None = None,
-        bargaining_power: tuple[float, float] = (1.0, 1.0),
+        bargaining_power: tuple[float, ...] | dict[str, float] | None = None,
         opposition_tol: float = DEFAULT_OPPOSITION_TOL,
         nonfinite: str = "skip",
         backend: str = "auto",
         state_dtype: torch.dtype | None = None,
         capturable: bool = False,
         gram_process_group: Any = None,
+        players: tuple[str, ...] = ("forget", "preserve"),
     ) -> None:
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
-        ):
-            raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
-        if not (isinstance(opposition_tol, (int, float)) and 0 <= opposition_tol < 2):
-            raise ValueError(f"opposition_tol must be a number in [0, 2), got {opposition_tol!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if state_dtype not in (None, torch.float32):
-            raise ValueError(f"state_dtype must be None or torch.float32, got {state_dtype!r}")
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
-        if capturable and nonfinite == "raise":
-            raise ValueError(
-                "capturable=True cannot be combined with nonfinite='raise': raising reads the "
-                "skip flag on the host every step; use nonfinite='skip' and read last_bargain.status"
-            )
-        self.state_dtype = state_dtype
         self.gram_process_group = gram_process_group
         self.capturable = capturable
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.bargaining_power = validate_power(bargaining_power)
-        self.opposition_tol = float(opposition_tol)
-        self.nonfinite = nonfinite
+        self._configure(
+            players=players,
+            bargaining_power=bargaining_power,
+            max_grad_norm=max_grad_norm,
+            opposition_tol=opposition_tol,
+            nonfinite=nonfinite,
+            state_dtype=state_dtype,
+        )
         self.backend = backends.validate_name(backend)
         # Per-step values live in a dict, not in attributes: torch.compile (2.14) drops
         # attribute writes made inside an Optimizer's step, but keeps dict mutations.
-        self._step_data: dict[str, Any] = {"forget": None, "bargain": None}
+        # "captured": {player name: {param: gradient}} for the players captured so far.
+        self._step_data: dict[str, Any] = {"captured": None, "bargain": None}
         defaults = dict(
             lr=lr,
             base=base,
@@ -171,6 +173,47 @@ class MUNBaOptimizer(Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
+        device = self._check_single_device()
+        if self.backend != "auto" and device is not None:
+            backends.resolve(self.backend, device)  # a forced backend that cannot run fails now, as fused=True
+
+    def _configure(self, *, players, bargaining_power, max_grad_norm, opposition_tol, nonfinite, state_dtype):
+        """Validate and set the bargaining settings (at construction, and from a loaded state dict)."""
+        players = tuple(players) if isinstance(players, (tuple, list)) else players
+        if not (
+            isinstance(players, tuple)
+            and len(players) >= 2
+            and all(isinstance(n, str) and n for n in players)
+            and len(set(players)) == len(players)
+        ):
+            raise ValueError(f"players must be two or more distinct names, got {players!r}")
+        if isinstance(bargaining_power, dict):
+            unknown = set(bargaining_power) - set(players)
+            if unknown:
+                raise ValueError(f"bargaining_power names {sorted(unknown)}, which are not players {players}")
+            bargaining_power = tuple(bargaining_power.get(name, 1.0) for name in players)
+        power = validate_power((1.0,) * len(players) if bargaining_power is None else bargaining_power, len(players))
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf
+        ):
+            raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        if not (isinstance(opposition_tol, (int, float)) and 0 <= opposition_tol < 2):
+            raise ValueError(f"opposition_tol must be a number in [0, 2), got {opposition_tol!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"state_dtype must be None or torch.float32, got {state_dtype!r}")
+        if self.capturable and nonfinite == "raise":
+            raise ValueError(
+                "capturable=True cannot be combined with nonfinite='raise': raising reads the "
+                "skip flag on the host every step; use nonfinite='skip' and read last_bargain.status"
+            )
+        self.players = players
+        self.bargaining_power = power
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.opposition_tol = float(opposition_tol)
+        self.nonfinite = nonfinite
+        self.state_dtype = state_dtype
 
     @property
     def last_bargain(self) -> Bargain | None:
@@ -230,107 +273,158 @@ class MUNBaOptimizer(Optimizer):
         return next(iter(devices), None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's, and drops a captured forget gradient too (it is a gradient)."""
+        """As torch's, and drops the captured gradients too (they are gradients)."""
         super().zero_grad(set_to_none)
-        self._step_data["forget"] = None
+        self._step_data["captured"] = None
 
-    # ------------------------------------------------------------ forget grads
+    # ------------------------------------------------------------ captured players
+    def _player(self, name: str) -> str:
+        if name not in self.players[:-1]:
+            live = self.players[-1]
+            raise ValueError(
+                f"{name!r} is not a captured player: players are {self.players}, and the last, "
+                f"{live!r}, is the live .grad at step()"
+            )
+        return name
+
+    def _two_players(self, spelling: str) -> str:
+        if len(self.players) != 2:
+            raise RuntimeError(
+                f"{spelling} is the two-player spelling; with players {self.players} name the player: "
+                "capture(name) / gradients_of(name)"
+            )
+        return self.players[0]
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def capture(self, name: str) -> None:
+        """Take every parameter's current ``.grad`` as player ``name``'s gradient.
+
+        The tensors are moved, not copied: ``.grad`` is set to ``None`` so the next backward
+        pass starts afresh.  Once per player per step; ``zero_grad()`` or ``discard_forget()``
+        drop captures that will not be stepped.
+        """
+        self._player(name)
+        captured = self._step_data["captured"] or {}
+        if name in captured:
+            raise RuntimeError(
+                f"player {name!r} was already captured for this step: call step() first, "
+                "or zero_grad() / discard_forget() to drop the captured gradients"
+            )
+        params = self._params()
+        for p in params:
+            if p.grad is not None:
+                _check_grad(p, p.grad, name)
+        grads = {}
+        for p in params:
+            if p.grad is not None:
+                grads[p] = p.grad
+                p.grad = None
+        self._step_data["captured"] = {**captured, name: grads}
+
     def capture_forget(self) -> None:
-        """Take every parameter's current ``.grad`` as the forget gradient.
+        """Two players: take every parameter's current ``.grad`` as the forget gradient.
 
         The tensors are moved, not copied: ``.grad`` is set to ``None`` so the next
         backward pass produces the preserve gradient.  Call exactly once per step;
         ``zero_grad()`` or ``discard_forget()`` drop a capture that will not be stepped.
         """
-        if self._step_data["forget"] is not None:
+        if self._step_data["captured"]:
             raise RuntimeError(
                 "capture_forget() was already called for this step: call step() first, "
                 "or zero_grad() / discard_forget() to drop the captured forget gradient"
             )
-        captured: dict[Tensor, Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    _check_grad(p, p.grad, "forget")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    captured[p] = p.grad
-                    p.grad = None
-        self._step_data["forget"] = captured
+        self.capture(self._two_players("capture_forget()"))
 
     def discard_forget(self) -> None:
-        """Drop a captured forget gradient without stepping."""
-        self._step_data["forget"] = None
+        """Drop the captured gradients (every player's) without stepping."""
+        self._step_data["captured"] = None
 
     @contextlib.contextmanager
-    def forget_gradients(self):
-        """Inside this block ``.grad`` *is* the forget gradient; outside, the preserve gradient.
+    def gradients_of(self, name: str):
+        """Inside this block ``.grad`` *is* player ``name``'s gradient; outside, the live one.
 
-        Entering swaps every parameter's ``.grad`` for the forget gradient captured so far
-        (none the first time), leaving it, swaps back: so backward passes inside accumulate
-        into the forget gradient and those outside into the preserve gradient, in any
-        interleaving and without a copy.  This is gradient accumulation for two players::
+        Entering swaps every parameter's ``.grad`` for the gradient captured for ``name`` so
+        far (none the first time), leaving it, swaps back: so backward passes inside
+        accumulate into that player's gradient and those outside into the live (last)
+        player's, in any interleaving and without a copy.  This is gradient accumulation for
+        several players::
 
             for micro_batch in micro_batches:            # e.g. gradient_accumulation_steps
-                with opt.forget_gradients():
+                with opt.forget_gradients():             # two players; gradients_of(name) for K
                     forget_loss(micro_batch).backward()
                 preserve_loss(micro_batch).backward()
             opt.step(); opt.zero_grad()
-
-        ``capture_forget()`` is the one-shot spelling (``.grad`` so far becomes the forget
-        gradient); a capture made either way is stepped, or dropped by ``zero_grad()``.
         """
-        params = [p for group in self.param_groups for p in group["params"]]
-        forget = self._step_data["forget"] or {}
-        preserve = {p: p.grad for p in params if p.grad is not None}
+        self._player(name)
+        params = self._params()
+        captured = self._step_data["captured"] or {}
+        mine = captured.get(name, {})
+        live = {p: p.grad for p in params if p.grad is not None}
         for p in params:
-            p.grad = forget.get(p)
+            p.grad = mine.get(p)
         try:
             yield self
         finally:
-            captured = {p: p.grad for p in params if p.grad is not None}
+            grads = {p: p.grad for p in params if p.grad is not None}
             for p in params:
-                p.grad = preserve.get(p)
-        for p, g in captured.items():
-            _check_grad(p, g, "forget")
-        self._step_data["forget"] = captured
+                p.grad = live.get(p)
+        for p, g in grads.items():
+            _check_grad(p, g, name)
+        self._step_data["captured"] = {**captured, name: grads}
+
+    def forget_gradients(self):
+        """Two players: :meth:`gradients_of` the forget player (see there)."""
+        return self.gradients_of(self._two_players("forget_gradients()"))
+
+    def captured_gradients(self) -> list[Tensor]:
+        """Every captured gradient (all players but the live one; empty before a capture),
+        e.g. for a loss scaler's inf check: they are not in ``.grad``, where torch's
+        ``GradScaler`` looks."""
+        captured = self._step_data["captured"] or {}
+        return [g for grads in captured.values() for g in grads.values()]
 
     def captured_forget_gradients(self) -> list[Tensor]:
-        """The captured forget gradients (empty before a capture), e.g. for a loss scaler's
-        inf check: they are not in ``.grad``, where torch's ``GradScaler`` looks."""
-        forget = self._step_data["forget"]
-        return [] if forget is None else list(forget.values())
+        """Two-player spelling of :meth:`captured_gradients`."""
+        return self.captured_gradients()
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], tuple[Tensor, Tensor]] | None = None):
-        """One bargained step.  Returns ``(forget_loss, preserve_loss)`` when given a closure.
+    def step(self, closure: Callable[[], tuple[Tensor, ...]] | None = None):
+        """One bargained step.  Returns the K losses (``(forget_loss, preserve_loss)``) when given a closure.
 
         Everything the step will touch is validated first (groups, gradients, states); an
-        error leaves every parameter, state and step count as it was, and keeps the capture.
+        error leaves every parameter, state and step count as it was, and keeps the captures.
         """
         losses = None
         if closure is not None:
             losses = self._backward_from_closure(closure)
-        forget = self._step_data["forget"]
-        if forget is None and self._is_dcp_initialisation():
-            forget = {}  # torch.distributed.checkpoint's zero-lr step on zero gradients
-        if forget is None:
+        captured = self._step_data["captured"]
+        missing = [name for name in self.players[:-1] if name not in (captured or {})]
+        if missing and not captured and self._is_dcp_initialisation():
+            captured, missing = {name: {} for name in self.players[:-1]}, []  # DCP's zero-lr step
+        if missing:
+            if len(self.players) == 2:
+                raise RuntimeError(
+                    "step() needs the forget gradient first: run loss_f.backward(); "
+                    "opt.capture_forget(); loss_r.backward(); opt.step(), or pass a closure "
+                    "returning (forget_loss, preserve_loss) (zero_grad() also drops a capture)"
+                )
             raise RuntimeError(
-                "step() needs the forget gradient first: run loss_f.backward(); "
-                "opt.capture_forget(); loss_r.backward(); opt.step(), or pass a closure "
-                "returning (forget_loss, preserve_loss) (zero_grad() also drops a capture)"
+                f"step() needs every player's gradient: {missing} not captured (capture(name) after "
+                f"its backward pass, or a closure returning {len(self.players)} losses; the last player, "
+                f"{self.players[-1]!r}, is the live .grad)"
             )
         device = self._check_single_device()
         if device is None:
-            self._step_data["forget"] = None
+            self._step_data["captured"] = None
             return losses
-        per_group = self._present_tensors(forget)
-        _check_not_aliased(forget.values(), [gr for _, _, present in per_group for _, _, gr in present])
+        per_group = self._present_tensors(captured)
+        _check_not_aliased([captured[name].values() for name in self.players[:-1]], per_group)
         backend = backends.resolve(self.backend, device)
         self._validate_step(per_group)
-        self._step_data["forget"] = None
+        self._step_data["captured"] = None
 
         gram, flags = self._global_gram(backend, device, [t for _, _, present in per_group for t in present])
         bargain = solve_bargain(
@@ -353,17 +447,19 @@ class MUNBaOptimizer(Optimizer):
                 update(bucket, coefficients[math_dtype], skip, hp)
         return losses
 
-    def _present_tensors(self, forget: dict[Tensor, Tensor]) -> list:
-        """``(index, group, [(param, g_f, g_r), ...])`` for the parameters with any gradient."""
+    def _present_tensors(self, captured: dict[str, dict[Tensor, Tensor]]) -> list:
+        """``(index, group, [(param, (g_1, ..., g_K)), ...])`` for the parameters with any gradient."""
+        names = self.players[:-1]
         per_group = []
         for index, group in enumerate(self.param_groups):
             present = []
             for p in group["params"]:
-                gf, gr = forget.get(p), p.grad
-                if gr is not None:
-                    _check_grad(p, gr, "preserve")
-                if gf is not None or gr is not None:
-                    present.append((p, gf, gr))
+                live = p.grad
+                if live is not None:
+                    _check_grad(p, live, self.players[-1])
+                grads = (*(captured[name].get(p) for name in names), live)
+                if any(g is not None for g in grads):
+                    present.append((p, grads))
             if present:
                 per_group.append((index, group, present))
         return per_group
@@ -374,7 +470,7 @@ class MUNBaOptimizer(Optimizer):
         for index, group, present in per_group:
             where = f"param group {index}: " if index else ""
             validation.check_hyperparameters(group, where)
-            for p, _, _ in present:
+            for p, _ in present:
                 state = self.state.get(p)
                 if state:
                     try:
@@ -404,59 +500,61 @@ class MUNBaOptimizer(Optimizer):
             launches.append((update, hp, self._buckets(group, present)))
         return launches
 
-    def _global_gram(self, backend, device, triples: list) -> tuple[Tensor, Tensor | None]:
-        """The Gram over all shards, and, when float64 gradients take part, the flags that
-        tell zero and NaN/Inf gradients apart from a float64 Gram that under- or overflowed
-        (:func:`~munba_kernels.bargaining.solve_bargain`).  Other dtypes square exactly into
-        float64, so their Gram tells both by itself and costs nothing more."""
-        if not any(p.dtype == torch.float64 for p, _, _ in triples):
+    def _global_gram(self, backend, device, present: list) -> tuple[Tensor, Tensor | None]:
+        """The packed Gram over all shards, and, when float64 gradients take part, the flags
+        that tell zero and NaN/Inf gradients apart from a float64 Gram that under- or
+        overflowed (:func:`~munba_kernels.bargaining.solve_bargain`).  Other dtypes square
+        exactly into float64, so their Gram tells both by itself and costs nothing more."""
+        k = len(self.players)
+        if not any(p.dtype == torch.float64 for p, _ in present):
             gram = distributed.global_gram(
-                lambda forget, preserve: backend.gram(forget, preserve, device), triples, self.gram_process_group
+                lambda grads: backend.gram(grads, device), present, k, self.gram_process_group
             )
             return gram, None
+        diagonal = [q for q, (i, j) in enumerate(bargaining_k.pairs(k)) if i == j]
+        width = k * (k + 1) // 2
 
-        def gram_and_flags(forget: list, preserve: list) -> Tensor:
-            pairs = list(zip(forget, preserve))
-            wide = [pair for pair in pairs if _dtype_of(pair) == torch.float64]
-            rest = [pair for pair in pairs if _dtype_of(pair) != torch.float64]
-            total = torch.zeros(6, dtype=torch.float64, device=device)
-            if rest:
-                g = backend.gram([f for f, _ in rest], [r for _, r in rest], device)
-                finite = torch.isfinite(g).all()
-                total = total + torch.cat([g, torch.stack([g[0] > 0, g[2] > 0, ~finite]).to(torch.float64)])
-            if wide:
-                g = backend.gram([f for f, _ in wide], [r for _, r in wide], device)
-                flags = []
-                for grads in ([f for f, _ in wide], [r for _, r in wide]):
-                    grads = [t for t in grads if t is not None and t.numel()]  # empty shards: nothing to see
-                    amax = torch.stack(torch._foreach_norm(grads, math.inf)) if grads else torch.zeros(1)
-                    flags.append(amax.to(device=device, dtype=torch.float64))
-                nonzero = [(amax > 0).sum() for amax in flags]
-                nonfinite = sum((~torch.isfinite(amax)).sum() for amax in flags)
-                total = total + torch.cat([g, torch.stack([*nonzero, nonfinite]).to(torch.float64)])
+        def gram_and_flags(grads: list[list]) -> Tensor:
+            tensors = list(zip(*grads))  # per tensor, its K gradients
+            total = torch.zeros(width + k + 1, dtype=torch.float64, device=device)
+            for wide in (False, True):
+                part = [t for t in tensors if (_dtype_of(t) == torch.float64) == wide]
+                if not part:
+                    continue
+                g = backend.gram([[t[j] for t in part] for j in range(k)], device)
+                if not wide:  # exact squares: the Gram's own diagonal says which are zero
+                    flags = [*(g[q] > 0 for q in diagonal), ~torch.isfinite(g).all()]
+                else:  # the largest magnitude of each player's float64 gradients says it
+                    amax = []
+                    for player in zip(*part):
+                        live = [t for t in player if t is not None and t.numel()]  # empty shards: nothing
+                        norms = torch._foreach_norm(live, math.inf) if live else [torch.zeros((), device=device)]
+                        amax.append(torch.stack(norms).to(device=device, dtype=torch.float64))
+                    flags = [*((a > 0).sum() for a in amax), sum((~torch.isfinite(a)).sum() for a in amax)]
+                total = total + torch.cat([g, torch.stack(flags).to(torch.float64)])
             return total
 
-        total = distributed.global_gram(gram_and_flags, triples, self.gram_process_group)
-        return total[:3], total[3:]
+        total = distributed.global_gram(gram_and_flags, present, k, self.gram_process_group)
+        return total[:width], total[width:]
 
-    def _backward_from_closure(self, closure) -> tuple[Tensor, Tensor]:
-        if self._step_data["forget"] is not None:
+    def _backward_from_closure(self, closure) -> tuple[Tensor, ...]:
+        if self._step_data["captured"]:
             raise RuntimeError(
-                "step(closure) runs both backward passes itself, but capture_forget() was "
+                "step(closure) runs the backward passes itself, but capture_forget() / capture() was "
                 "already called: use one style or the other"
             )
+        k = len(self.players)
         with torch.enable_grad():
             losses = closure()
-            if not (isinstance(losses, (tuple, list)) and len(losses) == 2):
-                raise TypeError(
-                    f"the closure must return (forget_loss, preserve_loss), got {type(losses).__name__}"
-                )
-            forget_loss, preserve_loss = losses
+            if not (isinstance(losses, (tuple, list)) and len(losses) == k):
+                spelling = "(forget_loss, preserve_loss)" if k == 2 else f"{k} losses, one per player {self.players}"
+                raise TypeError(f"the closure must return {spelling}, got {type(losses).__name__}")
             self.zero_grad(set_to_none=True)
-            forget_loss.backward(retain_graph=True)  # the two losses may share a graph
-            self.capture_forget()
-            preserve_loss.backward()
-        return forget_loss.detach(), preserve_loss.detach()
+            for name, loss in zip(self.players[:-1], losses):
+                loss.backward(retain_graph=True)  # the losses may share a graph
+                self.capture(name)
+            losses[-1].backward()
+        return tuple(loss.detach() for loss in losses)
 
     def _is_dcp_initialisation(self) -> bool:
         """Whether this step is the one ``torch.distributed.checkpoint`` takes on a fresh
@@ -476,7 +574,7 @@ class MUNBaOptimizer(Optimizer):
     def _buckets(self, group: dict[str, Any], present: list) -> list[TensorBucket]:
         """Initialise state lazily and split a group's tensors into fused-launch buckets."""
         buckets: dict[tuple, TensorBucket] = {}
-        for p, gf, gr in present:
+        for p, grads in present:
             state = self.state[p]
             first = not state
             if first:
@@ -491,11 +589,17 @@ class MUNBaOptimizer(Optimizer):
                         state[key] = torch.zeros_like(p, **like)
             moment = state.get("exp_avg", state.get("momentum_buffer"))
             key = (p.device, p.dtype, None if moment is None else moment.dtype, first and group["base"] == "sgd")
-            bucket = buckets.setdefault(key, TensorBucket(first_step=key[3]))
+            bucket = buckets.get(key)
+            if bucket is None:
+                keys = validation.expected_state_keys(group)  # SGD without momentum: none (a leftover buffer stays unread)
+                bucket = buckets[key] = TensorBucket(
+                    grads=[[] for _ in grads], states={k: [] for k in keys}, first_step=key[3]
+                )
             bucket.params.append(distributed.local_tensor(p))  # kernels update FSDP2 shards in place
-            bucket.forget.append(distributed.local_tensor(gf))
-            bucket.preserve.append(distributed.local_tensor(gr))
-            bucket.states.append(distributed.local_state(state))
+            for player, g in zip(bucket.grads, grads):
+                player.append(distributed.local_tensor(g))
+            for k, values in bucket.states.items():
+                values.append(distributed.local_tensor(state[k]))
         return list(buckets.values())
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
@@ -503,6 +607,21 @@ class MUNBaOptimizer(Optimizer):
         return self.state_dtype if self.state_dtype is not None and low_precision else p.dtype
 
     # --------------------------------------------------------------- state I/O
+    def _saved_settings(self) -> dict[str, Any]:
+        settings = {name: getattr(self, name) for name in _SAVED_SETTINGS}
+        settings["state_dtype"] = next(k for k, v in _STATE_DTYPES.items() if v == self.state_dtype)
+        settings["players"], settings["bargaining_power"] = list(self.players), list(self.bargaining_power)
+        return settings
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's; every saved group also carries the bargaining settings under ``"munba"``
+        (players, power, clip, opposition_tol, nonfinite, state_dtype), so that loading restores
+        them as torch restores ``lr`` (and ``torch.distributed.checkpoint`` carries them too)."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group["munba"] = self._saved_settings()
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, validated like constructor arguments, and all-or-nothing: a state dict
         with a wrong key, shape, dtype, hyperparameter or a non-finite moment raises and
@@ -512,14 +631,28 @@ class MUNBaOptimizer(Optimizer):
         fp32 moments of bf16 parameters)."""
         previous_state, previous_groups = self.state, self.param_groups
         previous_hyper = [{k: v for k, v in g.items() if k != "params"} for g in previous_groups]
+        previous_settings = {name: getattr(self, name) for name in _SAVED_SETTINGS}
         super().load_state_dict(state_dict)
         try:
             self._adopt_loaded(state_dict, previous_hyper)
         except Exception:
             self.state, self.param_groups = previous_state, previous_groups
+            self._configure(**previous_settings)
             raise
 
     def _adopt_loaded(self, state_dict: dict[str, Any], previous_hyper: list[dict]) -> None:
+        saved_settings = [group.pop("munba", None) for group in self.param_groups]
+        if any(s is not None for s in saved_settings):
+            if any(s != saved_settings[0] for s in saved_settings):
+                raise ValueError("the loaded param groups carry different bargaining settings ('munba')")
+            settings = dict(saved_settings[0])
+            if settings.get("state_dtype") not in _STATE_DTYPES:
+                raise ValueError(f"the loaded state_dtype {settings.get('state_dtype')!r} is not one of {list(_STATE_DTYPES)}")
+            settings["state_dtype"] = _STATE_DTYPES[settings["state_dtype"]]
+            unknown = set(settings) - set(_SAVED_SETTINGS)
+            if unknown or set(settings) != set(_SAVED_SETTINGS):
+                raise ValueError(f"the loaded bargaining settings have keys {sorted(settings)}, expected {sorted(_SAVED_SETTINGS)}")
+            self._configure(**settings)  # validated; load_state_dict restores the previous ones on error
         saved_state = state_dict["state"]
         known = {index for saved in state_dict["param_groups"] for index in saved["params"]}
         stray = sorted(set(saved_state) - known, key=str)
@@ -563,8 +696,8 @@ class MUNBaOptimizer(Optimizer):
         return state
 
 
-def _dtype_of(pair: tuple[Tensor | None, Tensor | None]) -> torch.dtype:
-    return (pair[0] if pair[0] is not None else pair[1]).dtype
+def _dtype_of(grads: tuple[Tensor | None, ...]) -> torch.dtype:
+    return next(g for g in grads if g is not None).dtype
 
 
 def _skip_message(bargain: Bargain) -> str:
@@ -578,27 +711,35 @@ def _skip_message(bargain: Bargain) -> str:
     return f"a forget or preserve gradient holds NaN/Inf (Gram entries {entries}); no parameter was updated"
 
 
-def _check_not_aliased(forget: Iterable[Tensor], preserve: Iterable[Tensor | None]) -> None:
-    """Refuse preserve gradients written into the forget gradients' memory.
+def _check_not_aliased(captured: list[Iterable[Tensor]], per_group: list) -> None:
+    """Refuse gradients of different players that share memory.
 
-    The forget gradient is moved aside, not copied, so a framework that backs ``.grad`` with
+    Captured gradients are moved aside, not copied, so a framework that backs ``.grad`` with
     persistent buffers (DDP with ``gradient_as_bucket_view=True``, contiguous gradient
-    buffers) overwrites it during the preserve backward.  Storage identity is host metadata:
-    checking it costs no synchronisation.
+    buffers) overwrites them during the next backward pass.  Storage identity is host
+    metadata: checking it costs no synchronisation.
     """
+    if torch.compiler.is_compiling():
+        return
 
     def storages(grads):
         local = (distributed.local_tensor(g) for g in grads if g is not None)
         ptrs = (t.untyped_storage().data_ptr() for t in local if not isinstance(t, FakeTensor))
         return {ptr for ptr in ptrs if ptr}  # 0: meta or empty tensors, which hold no data
 
-    if not torch.compiler.is_compiling() and storages(forget) & storages(preserve):
-        raise RuntimeError(
-            "the preserve gradients were written into the memory of the captured forget "
-            "gradients, which are therefore lost; no parameter was updated. This happens when "
-            ".grad is backed by persistent buffers, e.g. DistributedDataParallel(..., "
-            "gradient_as_bucket_view=True): use gradient_as_bucket_view=False (the default)"
-        )
+    live = [grads[-1] for _, _, present in per_group for _, grads in present]
+    seen = storages(live)
+    for player in captured:
+        mine = storages(player)
+        if mine & seen:
+            raise RuntimeError(
+                "the preserve gradients were written into the memory of the captured forget "
+                "gradients (or one captured player's into another's), which are therefore lost; "
+                "no parameter was updated. This happens when .grad is backed by persistent buffers, "
+                "e.g. DistributedDataParallel(..., gradient_as_bucket_view=True): use "
+                "gradient_as_bucket_view=False (the default)"
+            )
+        seen |= mine
 
 
 def _check_grad(p: Tensor, g: Tensor, which: str) -> None:

@@ -29,6 +29,10 @@ BATCH = 8  # per step, split over the ranks
 BASES = {
     "adamw": dict(base="adamw", lr=1e-2, weight_decay=1e-2),
     "sgd": dict(base="sgd", lr=5e-2, momentum=0.9, weight_decay=5e-4, max_grad_norm=1.0),
+    # three players (the K-general Gram: six partials in the one all-reduce, Newton's α)
+    "adamw-3players": dict(
+        base="adamw", lr=1e-2, players=("forget", "neighbour", "preserve"), bargaining_power=(1.0, 0.5, 2.0)
+    ),
 }
 BACKENDS = ("cpp", "torch")
 
@@ -52,7 +56,10 @@ def unlearning_step(model: nn.Module, opt: MUNBaOptimizer, step: int, rank: int,
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     loss_f = -nn.functional.mse_loss(model(xf[part]), yf[part])  # ascend on the forget batch
     loss_f.backward()
-    opt.capture_forget()
+    opt.capture(opt.players[0])
+    if len(opt.players) == 3:  # a third objective: an L1 fit of the preserve batch to 0.5·y
+        nn.functional.l1_loss(model(xr[part]), 0.5 * yr[part]).backward()
+        opt.capture(opt.players[1])
     nn.functional.mse_loss(model(xr[part]), yr[part]).backward()
     with CountCollectives() as collectives:
         opt.step()

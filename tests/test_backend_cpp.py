@@ -6,9 +6,9 @@ Tolerances, and why:
 * fp32/fp64 updates: the same formulas in the same order; torch's fused AdamW rounds the
   momentum lerp once (an FMA) where the kernel rounds twice, so a state can differ by about
   one ulp of its magnitude and a parameter by one rounding flip: ``ULPS`` = 2.
-* bf16/fp16 updates: the reference rounds d to the parameter dtype before its fused kernel;
-  the kernel keeps d in fp32 (never stored), as the contract asks.  Against the reference
-  run on fp32 copies (the kernel's exact math) a result may differ by one rounding flip;
+* bf16/fp16 updates: both keep d in fp32 (never rounded to the gradient dtype, the
+  contract); the reference runs torch's fused rule on fp32 copies and rounds each result
+  once.  Against the reference run on fp32 inputs a result may differ by one rounding flip;
   against the reference itself by a couple of ulps (DESIGN.md §4).
 "ulps" are relative to each element or, for elements near zero after cancellation, to
 the tensor's largest magnitude (``assert_ulps``).  A wrong formula is off by far more.
@@ -18,11 +18,13 @@ import os
 
 import pytest
 import torch
-from buckets import clone_bucket, coefficients_for, sgd_state
+from buckets import bucket as two_players
+from buckets import clone_bucket, coefficients_for, per_param_states, players_bucket, sgd_state
+from buckets import float64_gram as packed_float64_gram
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
-from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket
+from munba_kernels.backends.base import AdamWHyper, SGDHyper
 
 requires_cpp = pytest.mark.skipif(not cpp.is_available(), reason=cpp.unavailable_reason() or "built")
 
@@ -87,9 +89,9 @@ def assert_gram_close(actual, expected):
 def test_gram_matches_float64_dot_products(dtype):
     forget = random_grads(SHAPES, dtype, seed=1, missing={1})
     preserve = random_grads(SHAPES, dtype, seed=2, missing={3})
-    got = cpp.gram(forget, preserve, "cpu")
+    got = cpp.gram([forget, preserve], "cpu")
     assert_gram_close(got, float64_gram(forget, preserve))
-    assert_gram_close(got, reference.gram(forget, preserve, "cpu"))
+    assert_gram_close(got, reference.gram([forget, preserve], "cpu"))
 
 
 @requires_cpp
@@ -97,7 +99,7 @@ def test_gram_matches_float64_dot_products(dtype):
 def test_gram_of_tiny_and_huge_fp32_gradients_neither_underflows_nor_overflows(scale):
     forget = [g * scale for g in random_grads(SHAPES, torch.float32, seed=3)]
     preserve = random_grads(SHAPES, torch.float32, seed=4)
-    assert_gram_close(cpp.gram(forget, preserve, "cpu"), float64_gram(forget, preserve))
+    assert_gram_close(cpp.gram([forget, preserve], "cpu"), float64_gram(forget, preserve))
 
 
 @requires_cpp
@@ -109,7 +111,7 @@ def test_gram_is_bitwise_deterministic_for_any_thread_count():
         results = []
         for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
-            results.append(cpp.gram(forget, preserve, "cpu"))
+            results.append(cpp.gram([forget, preserve], "cpu"))
     finally:
         torch.set_num_threads(threads)
     # fixed chunks summed in a fixed order: identical, not merely close
@@ -119,19 +121,19 @@ def test_gram_is_bitwise_deterministic_for_any_thread_count():
 
 @requires_cpp
 def test_gram_of_empty_lists_and_of_noncontiguous_gradients():
-    assert torch.equal(cpp.gram([], [], "cpu"), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(cpp.gram([[], []], "cpu"), torch.zeros(3, dtype=torch.float64))
     gen = torch.Generator().manual_seed(7)
     f = torch.randn(40, 50, generator=gen)
     r = torch.randn(50, 40, generator=gen).t()  # same shape, transposed layout
     s = torch.randn(90, generator=gen)[::3]  # not dense at all
-    got = cpp.gram([f, s, None], [r, s, s], "cpu")
+    got = cpp.gram([[f, s, None], [r, s, s]], "cpu")
     assert_gram_close(got, float64_gram([f, s, None], [r, s, s]))
 
 
 @requires_cpp
 def test_gram_rejects_a_pair_without_gradients():
-    with pytest.raises(RuntimeError, match="neither gradient"):
-        cpp.gram([None], [None], "cpu")
+    with pytest.raises(RuntimeError, match="no gradient"):
+        cpp.gram([[None], [None]], "cpu")
 
 
 # ------------------------------------------------------------------ update pass, directly
@@ -144,11 +146,11 @@ def make_bucket(dtype, base, seed, first_step=False, missing_f=(1, 4), missing_r
     def rand(s, scale=1.0):
         return (torch.randn(s, generator=gen) * scale).to(dtype)
 
-    bucket = TensorBucket(first_step=first_step)
+    params, forget, preserve, states = [], [], [], []
     for i, s in enumerate(SHAPES):
-        bucket.params.append(rand(s))
-        bucket.forget.append(None if i in missing_f else rand(s))
-        bucket.preserve.append(None if i in missing_r else rand(s, 3.0))
+        params.append(rand(s))
+        forget.append(None if i in missing_f else rand(s))
+        preserve.append(None if i in missing_r else rand(s, 3.0))
         if base == "adamw":
             state = {
                 "step": torch.tensor(float(i % 3)),
@@ -157,14 +159,14 @@ def make_bucket(dtype, base, seed, first_step=False, missing_f=(1, 4), missing_r
             }
         else:
             state = sgd_state(rand(s, 0.5), first_step)
-        bucket.states.append(state)
-    return bucket
+        states.append(state)
+    return two_players(params, forget, preserve, states, first_step)
 
 
 def assert_buckets_close(actual, expected, ulps, before):
     for a, e, b in zip(actual.params, expected.params, before.params):
         assert_ulps(a, e.to(a.dtype), ulps, b)
-    for sa, se, sb in zip(actual.states, expected.states, before.states):
+    for sa, se, sb in zip(per_param_states(actual), per_param_states(expected), per_param_states(before)):
         for key in se:
             if key == "step":
                 assert torch.equal(sa[key], se[key])
@@ -246,7 +248,7 @@ def test_skip_writes_nothing(dtype, base, config):
     run_update(cpp, base, bucket, COEFFICIENTS["typical"], 1.0, hp)
     for a, b in zip(bucket.params, before.params):
         assert torch.equal(a, b)
-    for sa, sb in zip(bucket.states, before.states):
+    for sa, sb in zip(per_param_states(bucket), per_param_states(before)):
         assert all(torch.equal(sa[k], sb[k]) for k in sb)
 
 
@@ -259,7 +261,7 @@ def test_noncontiguous_gradients_and_channels_last_params(base):
     backend) pair elements in storage order and get mismatched layouts wrong."""
     gen = torch.Generator().manual_seed(13)
     hp = ADAMW["default"] if base == "adamw" else SGD["momentum-decay"]
-    ours = TensorBucket()
+    params, forget, preserve, states = [], [], [], []
     for p, gf, gr in [
         (torch.randn(6, 9), torch.randn(9, 6).t(), torch.randn(6, 9)),
         (torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.randn(2, 3, 4, 5), None),
@@ -269,14 +271,15 @@ def test_noncontiguous_gradients_and_channels_last_params(base):
             torch.randn(3, 4, 5, 6)[:, :, :, :],
         ),
     ]:
-        ours.params.append(p)
-        ours.forget.append(gf)
-        ours.preserve.append(gr)
+        params.append(p)
+        forget.append(gf)
+        preserve.append(gr)
         like = torch.zeros_like(p, memory_format=torch.preserve_format)
         if base == "adamw":
-            ours.states.append({"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()})
+            states.append({"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()})
         else:
-            ours.states.append(sgd_state(like.normal_(generator=gen), False))
+            states.append(sgd_state(like.normal_(generator=gen), False))
+    ours = two_players(params, forget, preserve, states)
     theirs, before = clone_bucket(ours), clone_bucket(ours)
     for grads in (theirs.forget, theirs.preserve):
         grads[:] = [None if g is None else torch.empty_like(p).copy_(g) for g, p in zip(grads, theirs.params)]
@@ -294,12 +297,12 @@ def test_gapped_view_params_are_updated_through_a_copy(base):
     hp = ADAMW["default"] if base == "adamw" else SGD["momentum-decay"]
     storage = torch.randn(40)
     p = storage[::2]
-    bucket = TensorBucket(params=[p], forget=[torch.randn(20)], preserve=[torch.randn(20)])
     like = torch.zeros_like(p, memory_format=torch.preserve_format)
     if base == "adamw":
-        bucket.states.append({"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()})
+        state = {"step": torch.tensor(0.0), "exp_avg": like, "exp_avg_sq": like.clone()}
     else:
-        bucket.states.append(sgd_state(like, True))
+        state = sgd_state(like, True)
+    bucket = two_players([p], [torch.randn(20)], [torch.randn(20)], [state])
     theirs, before = clone_bucket(bucket), clone_bucket(bucket)  # contiguous copies
     gaps = storage[1::2].clone()
     run_update(cpp, base, bucket, COEFFICIENTS["typical"], 0.0, hp)
@@ -408,10 +411,86 @@ def test_bf16_stores_round_to_nearest_even_like_torch():
     g[:4] = torch.tensor([-(2**-8), -(2**-8), 2**-8, 2**-8]).bfloat16()
     p[8:12] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38]).bfloat16()
     expected = (p.float() - g.float()).bfloat16()
-    bucket = TensorBucket([p], [None], [g], [{}])
+    bucket = two_players([p], [None], [g], [{}])
     hp = SGDHyper(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
     cpp.sgd(bucket, coefficients_for([0.0, 1.0], torch.bfloat16), torch.zeros(()), hp)
     # NaN payloads are not compared: torch's own vectorised and scalar conversions disagree on them.
     assert torch.equal(p.isnan(), expected.isnan()) and p.isnan().sum() == 1
     finite = ~expected.isnan()
     assert torch.equal(p[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+# ------------------------------------------------------------------------ K players
+def k_player_grads(players, dtype, seed, shapes=SHAPES):
+    """Player k's gradients at scale 10^(k-1); player k lacks tensor k (counts as zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [None if i == k else (torch.randn(s, generator=gen) * 10.0 ** (k - 1)).to(dtype) for i, s in enumerate(shapes)]
+        for k in range(players)
+    ]
+
+
+@requires_cpp
+@pytest.mark.parametrize("players", [3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_player_gram_matches_float64_and_the_reference_bitwise(players, dtype):
+    """Each entry is its own pair's sum in the C++ chunk order, which the reference spells
+    out: bitwise equal; and within 1e-12 of float64 dot products (relative to the
+    Cauchy-Schwarz bound of the entry)."""
+    grads = k_player_grads(players, dtype, seed=21)
+    got = cpp.gram(grads, "cpu")
+    assert got.dtype == torch.float64 and got.shape == (players * (players + 1) // 2,)
+    assert torch.equal(got, reference.gram(grads, "cpu"))
+    want = packed_float64_gram(grads)
+    pairs = [(i, j) for i in range(players) for j in range(i, players)]
+    diag = {i: want[pairs.index((i, i))].item() for i in range(players)}
+    for entry, (i, j) in enumerate(pairs):
+        assert abs(got[entry].item() - want[entry].item()) <= 1e-12 * (diag[i] * diag[j]) ** 0.5
+
+
+@requires_cpp
+def test_k_player_gram_is_thread_count_invariant():
+    grads = k_player_grads(3, torch.float32, seed=22, shapes=[(300_007,), (70_001,), (9,)])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(cpp.gram(grads, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+K_COEFFICIENTS = {3: [0.3, -1.7e-2, 4e-3], 4: [0.2, 1e-30, -0.05, 1e30]}
+
+
+@requires_cpp
+@pytest.mark.parametrize("players", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("base,config", [("adamw", "default"), ("sgd", "nesterov-maximize"), ("sgd", "dampening")])
+def test_k_player_update_matches_reference(players, dtype, base, config):
+    """d = Σ c_k s_k g_k is formed in the compute dtype from K gradients: the kernel (which
+    forms it tile by tile in L1 and then runs the two-player rule) against the reference."""
+    hp = (ADAMW if base == "adamw" else SGD)[config]
+    two = make_bucket(dtype, base, seed=31)
+    grads = k_player_grads(players, dtype, seed=32)
+    ours = players_bucket(two.params, grads, per_param_states(two), two.first_step)
+    before, exact, theirs = clone_bucket(ours), clone_bucket(ours, opmath(dtype)), clone_bucket(ours)
+    read = [g.clone() for player in grads for g in player if g is not None]
+    for _ in range(3):
+        run_update(cpp, base, ours, K_COEFFICIENTS[players], 0.0, hp)
+        run_update(reference, base, exact, K_COEFFICIENTS[players], 0.0, hp)
+        run_update(reference, base, theirs, K_COEFFICIENTS[players], 0.0, hp)
+    assert_buckets_close(ours, exact, ULPS if dtype in (torch.float32, torch.float64) else 1, before)
+    assert_buckets_close(ours, theirs, ULPS, before)
+    assert all(torch.equal(a, b) for a, b in zip(read, [g for player in grads for g in player if g is not None]))
+
+
+@requires_cpp
+def test_k_player_skip_writes_nothing():
+    two = make_bucket(torch.float32, "adamw", seed=33)
+    ours = players_bucket(two.params, k_player_grads(3, torch.float32, seed=34), per_param_states(two))
+    before = clone_bucket(ours)
+    run_update(cpp, "adamw", ours, [float("nan"), 1.0, 2.0], 1.0, ADAMW["default"])
+    assert_buckets_close(ours, before, 0, before)

@@ -95,7 +95,7 @@ def test_scaling_a_gradient_scales_only_its_weight():
 def test_a_zero_player_is_dropped_and_the_rest_bargain():
     gen = torch.Generator().manual_seed(2)
     g = gradients(3, 12, gen, log_range=1)
-    two = solve_bargain(packed((g[[0, 2]] @ g[[0, 2]].T)), (2.0, 1.0))
+    two = solve_bargain(packed(g[[0, 2]] @ g[[0, 2]].T), (2.0, 1.0))
     g[1] = 0
     three = solve_bargain(packed(g @ g.T), (2.0, 3.0, 1.0))
     assert three.status.item() == BargainStatus.PLAYER_ZERO

@@ -16,12 +16,13 @@ skipped while compiling.  ``zero_grad()`` is torch's and dynamo refuses to trace
 
 import pytest
 import torch
+from buckets import bucket as two_players
 from buckets import sgd_state
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
-from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket, kernel_coefficients
+from munba_kernels.backends.base import AdamWHyper, SGDHyper, kernel_coefficients
 from munba_kernels.bargaining import BargainStatus, solve_bargain
 
 requires_cpp = pytest.mark.skipif(not cpp.is_available(), reason=cpp.unavailable_reason() or "built")
@@ -45,7 +46,7 @@ def bucket_of(gen, base):
         states = [dict(step=torch.tensor(0.0), exp_avg=p * 0, exp_avg_sq=p * 0) for p in params]
     else:
         states = [sgd_state(p * 0, first_step=True) for p in params]
-    return TensorBucket(params, forget, preserve, states, first_step=base == "sgd")
+    return two_players(params, forget, preserve, states, first_step=base == "sgd")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,7 +61,7 @@ def test_both_passes_compile_into_one_graph(backend, base):
     )
 
     def passes(bucket):
-        gram = backend.gram(bucket.forget, bucket.preserve, torch.device("cpu"))
+        gram = backend.gram(bucket.grads, torch.device("cpu"))
         bargain = solve_bargain(gram, (1.0, 1.0), max_norm=1.0)
         # Not bargain.skipped: dynamo mis-traces ``tensor == IntEnum member`` (module doc).
         skip = (bargain.status == int(BargainStatus.NONFINITE)).to(torch.float32)
@@ -90,13 +91,14 @@ def test_ops_pass_torch_library_opcheck(backend, op):
     forget = [torch.randn(5, 3, generator=gen), None]
     preserve = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
     states = [[torch.rand(p.shape, generator=gen) for p in params] for _ in range(2)]
-    common = (torch.tensor([0.3, 0.5, 1.0, 2.0**-40], dtype=torch.float64), torch.zeros(()))
+    grads = [*forget, *preserve]  # flat, player-major, with the player count beside it
+    common = (torch.tensor([0.3, 0.5, 1.0, 2.0**-40], dtype=torch.float64), torch.zeros(()), False)
     args = {
-        "gram": (forget, preserve, torch.device("cpu")),
-        "adamw": (params, forget, preserve, *states, [torch.tensor(0.0), torch.tensor(3.0)], *common)
+        "gram": (grads, 2, torch.device("cpu")),
+        "adamw": (params, grads, 2, *states, [torch.tensor(0.0), torch.tensor(3.0)], *common)
         + (None, 1e-2, 0.9, 0.999, 1e-8, 1e-2, False),
-        "sgd": (params, forget, preserve, states[0], [torch.tensor(0.0), torch.tensor(2.0)], *common)
-        + (torch.tensor(1e-2), 0.0, 0.9, 0.1, False, 0.0, True, False),
+        "sgd": (params, grads, 2, states[0], [torch.tensor(0.0), torch.tensor(2.0)], *common)
+        + (torch.tensor(1e-2), 0.0, 0.9, 0.1, False, 0.0, True),
     }[op]
     torch.library.opcheck(getattr(torch.ops.munba, f"{backend}_{op}").default, args)
 
@@ -185,10 +187,13 @@ def test_capturable_is_validated():
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_step_reads_no_device_value_on_the_host(backend, nonfinite):
+@pytest.mark.parametrize("players", [2, 3])
+def test_step_reads_no_device_value_on_the_host(backend, nonfinite, players):
     """Under FakeTensorMode every tensor is data-less, so any read of a value on the host
     (``.item()``, ``bool()``, ``tolist()``) raises: a step that completes never syncs.
-    ``nonfinite="raise"`` must read one flag, which shows the check can fail."""
+    ``nonfinite="raise"`` must read one flag, which shows the check can fail.  Three
+    players: the Newton solve runs a fixed number of iterations, with no convergence test."""
+    names = ("forget", "preserve") if players == 2 else ("forget", "neighbour", "preserve")
     with FakeTensorMode():
         params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5).bfloat16())]
         capturable = nonfinite == "skip"
@@ -199,12 +204,14 @@ def test_step_reads_no_device_value_on_the_host(backend, nonfinite):
             nonfinite=nonfinite,
             state_dtype=torch.float32,
             backend=backend,
+            players=names,
         )
 
         def step():
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.capture_forget()
+            for name in names[:-1]:
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.capture(name)
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()

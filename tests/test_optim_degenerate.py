@@ -4,6 +4,7 @@ SGD with lr=1, no momentum and no decay makes the applied direction visible: d =
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -223,11 +224,11 @@ def test_bad_hyperparameters_are_named(kwargs, message):
         MUNBaOptimizer([torch.nn.Parameter(torch.zeros(2))], **kwargs)
 
 
-def test_unavailable_backend_fails_clearly_at_step():
+def test_unavailable_backend_fails_clearly_at_construction():
+    """As torch's fused=True: a forced backend that cannot run on the parameters' device fails
+    when the optimizer is built, not at the first step of a long job."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton can run here")
     p = torch.nn.Parameter(torch.zeros(2))
-    opt = MUNBaOptimizer([p], backend="triton")
-    p.grad = torch.ones(2)
-    opt.capture_forget()
-    p.grad = torch.ones(2)
-    with pytest.raises(RuntimeError, match="backend='triton'"):
-        opt.step()
+    with pytest.raises(RuntimeError, match="backend='triton' is not available"):
+        MUNBaOptimizer([p], backend="triton")

@@ -416,12 +416,12 @@ def test_the_torch_backend_gram_is_thread_count_invariant_and_equals_cpp():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(reference.gram(forget, preserve, "cpu"))
+            results.append(reference.gram([forget, preserve], "cpu"))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results)
     if cpp.is_available():
-        assert torch.equal(results[0], cpp.gram(forget, preserve, "cpu"))
+        assert torch.equal(results[0], cpp.gram([forget, preserve], "cpu"))
 
 
 # ------------------------------------------------------------------ property tests

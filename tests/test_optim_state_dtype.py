@@ -10,11 +10,12 @@ import copy
 
 import pytest
 import torch
-from buckets import clone_bucket, coefficients_for, sgd_state
+from buckets import bucket as two_players
+from buckets import clone_bucket, coefficients_for, per_param_states, sgd_state
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.backends import cpp, reference
-from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket
+from munba_kernels.backends.base import AdamWHyper, SGDHyper
 
 requires_cpp = pytest.mark.skipif(not cpp.is_available(), reason=cpp.unavailable_reason() or "built")
 
@@ -36,13 +37,13 @@ def make_bucket(dtype, base, seed, first_step=False):
     def rand(s, scale=1.0, to=dtype):
         return (torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(to)
 
-    bucket = TensorBucket(first_step=first_step)
+    params, forget, preserve, states = [], [], [], []
     for i, s in enumerate(SHAPES):
-        bucket.params.append(rand(s))
-        bucket.forget.append(None if i == 1 else rand(s))
-        bucket.preserve.append(rand(s, 3.0))
+        params.append(rand(s))
+        forget.append(None if i == 1 else rand(s))
+        preserve.append(rand(s, 3.0))
         if base == "adamw":
-            bucket.states.append(
+            states.append(
                 {
                     "step": torch.tensor(float(i % 3)),
                     "exp_avg": rand(s, 0.1, torch.float32) if i % 3 else torch.zeros(s),
@@ -50,8 +51,8 @@ def make_bucket(dtype, base, seed, first_step=False):
                 }
             )
         else:
-            bucket.states.append(sgd_state(torch.zeros(s) if first_step else rand(s, 0.5, torch.float32), first_step))
-    return bucket
+            states.append(sgd_state(torch.zeros(s) if first_step else rand(s, 0.5, torch.float32), first_step))
+    return two_players(params, forget, preserve, states, first_step)
 
 
 def run(backend, base, bucket, skip=0.0):
@@ -60,15 +61,15 @@ def run(backend, base, bucket, skip=0.0):
 
 
 def float64_step(base, bucket):
-    """torch.optim's rule in float64 on d as the reference forms it (fp32, rounded to the
-    gradient dtype); returns the new (params, states) in float64."""
+    """torch.optim's rule in float64 on d as the backends form it (in fp32, never rounded to
+    the gradient dtype); returns the new (params, states) in float64."""
     c = torch.tensor(COEFFICIENTS, dtype=torch.float32)
     params, states = [], []
-    for p, gf, gr, st in zip(bucket.params, bucket.forget, bucket.preserve, bucket.states):
+    for p, gf, gr, st in zip(bucket.params, bucket.forget, bucket.preserve, per_param_states(bucket)):
         d = c[1] * gr.float()
         if gf is not None:
             d = c[0] * gf.float() + d
-        d = d.to(p.dtype).double()
+        d = d.double()  # the contract: d stays in fp32, never rounded to the gradient dtype
         p = p.double()
         if base == "adamw":
             hp, step = ADAMW, st["step"].item() + 1
@@ -95,7 +96,7 @@ def assert_bucket_close(got, want_params, want_states, dtype, param_ulps, state_
         torch.testing.assert_close(
             a.double(), b.double(), rtol=param_ulps * ulp(dtype), atol=param_ulps * ulp(dtype)
         )
-    for sa, sb in zip(got.states, want_states):
+    for sa, sb in zip(per_param_states(got), want_states):
         for key, value in sb.items():
             if key == "step":
                 assert sa[key].item() == value.item()
@@ -119,21 +120,16 @@ def test_reference_matches_float64_formulas(dtype, base, first_step):
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("base,first_step", [("adamw", False), ("sgd", True), ("sgd", False)])
 def test_cpp_matches_reference_with_fp32_states(dtype, base, first_step):
-    """Three calls (first step, then later ones).  The kernel keeps d in fp32 where the
-    reference rounds it to the gradient dtype first, so the bound is against the reference
-    run on fp32 copies of the gradients (the kernel's own math): a state may differ by a
-    few fp32 ulps, a parameter by one rounding flip of its dtype."""
+    """Three calls (first step, then later ones).  Both backends round d to the gradient
+    dtype (the contract in backends/base.py) and keep fp32 states, so a state may differ by a
+    few fp32 ulps (operation order), a parameter by one rounding flip of its dtype."""
     ours = make_bucket(dtype, base, seed=2, first_step=first_step)
-    exact = clone_bucket(ours)
-    exact.forget = [None if g is None else g.float() for g in exact.forget]
-    exact.preserve = [g.float() for g in exact.preserve]
-    exact.params = [p.float() for p in exact.params]
+    theirs = clone_bucket(ours)
     for k in range(3):
-        ours.first_step = exact.first_step = first_step and k == 0
+        ours.first_step = theirs.first_step = first_step and k == 0
         run(cpp, base, ours)
-        run(reference, base, exact)
-        exact.params = [p.to(dtype).float() for p in exact.params]  # the param is stored in dtype
-    assert_bucket_close(ours, exact.params, exact.states, dtype, param_ulps=1, state_rtol=1e-5)
+        run(reference, base, theirs)
+    assert_bucket_close(ours, theirs.params, per_param_states(theirs), dtype, param_ulps=1, state_rtol=1e-5)
 
 
 @requires_cpp
@@ -143,14 +139,14 @@ def test_cpp_skip_writes_nothing_with_fp32_states(base):
     before = clone_bucket(bucket)
     run(cpp, base, bucket, skip=1.0)
     assert all(torch.equal(a, b) for a, b in zip(bucket.params, before.params))
-    for sa, sb in zip(bucket.states, before.states):
+    for sa, sb in zip(per_param_states(bucket), per_param_states(before)):
         assert all(torch.equal(sa[k], sb[k]) for k in sb)
 
 
 @requires_cpp
 def test_cpp_rejects_states_of_another_dtype():
     bucket = make_bucket(torch.bfloat16, "sgd", seed=4)
-    bucket.states[0]["momentum_buffer"] = bucket.states[0]["momentum_buffer"].half()
+    bucket.states["momentum_buffer"][0] = bucket.states["momentum_buffer"][0].half()
     with pytest.raises(RuntimeError, match="state"):
         run(cpp, "sgd", bucket)
 
@@ -186,7 +182,7 @@ def test_states_are_allocated_in_the_state_dtype_and_bucketed_by_it(base):
     key = "exp_avg" if base == "adamw" else "momentum_buffer"
     want = [torch.float32, torch.float32, torch.float32, torch.float64]
     assert [opt.state[p][key].dtype for p in params] == want
-    buckets = opt._buckets(opt.param_groups[0], [(p, None, p) for p in params])
+    buckets = opt._buckets(opt.param_groups[0], [(p, (None, p)) for p in params])
     assert [(b.dtype, b.state_dtype) for b in buckets] == list(zip(dtypes, want))
     default = MUNBaOptimizer(params[:1], base=base, backend="torch", **extra)
     two_step(default, params[:1], seed=6)
@@ -212,14 +208,22 @@ def test_load_state_dict_keeps_fp32_states_bit_exact(backend):
     assert all(torch.equal(p, q) for p, q in zip(params, clones))
 
 
-def test_load_state_dict_casts_states_to_this_optimizers_state_dtype():
+def test_load_state_dict_restores_the_saved_state_dtype_and_casts_settingless_states():
+    """A MUNBa state dict carries its state_dtype, which a resumed run keeps (as torch keeps a
+    saved lr); a state dict without settings (torch's, or older) takes this optimizer's."""
     p = torch.nn.Parameter(torch.randn(8).bfloat16())
     opt = MUNBaOptimizer([p], backend="torch")
     two_step(opt, [p], seed=30)
     q = torch.nn.Parameter(p.detach().clone())
     wide = MUNBaOptimizer([q], state_dtype=torch.float32, backend="torch")
     wide.load_state_dict(opt.state_dict())
-    assert wide.state[q]["exp_avg"].dtype == torch.float32
+    assert wide.state_dtype is None and wide.state[q]["exp_avg"].dtype == torch.bfloat16
+    settingless = opt.state_dict()
+    for group in settingless["param_groups"]:
+        del group["munba"]
+    wide = MUNBaOptimizer([q], state_dtype=torch.float32, backend="torch")
+    wide.load_state_dict(settingless)
+    assert wide.state_dtype == torch.float32 and wide.state[q]["exp_avg"].dtype == torch.float32
     assert torch.equal(wide.state[q]["exp_avg"], opt.state[p]["exp_avg"].float())  # exact widening
 
 

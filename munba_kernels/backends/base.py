@@ -1,19 +1,25 @@
-"""The contract every backend implements: two passes over the parameter shards.
+"""The contract every backend implements: two passes over the parameter shards, for K players.
 
-1. ``gram(forget, preserve, device)`` → float64 tensor ``[ff, fr, rr]`` (partial sums
-   for the local shards; the optimizer all-reduces them when sharded).
+1. ``gram(grads, device)`` → float64 tensor ``[K(K+1)/2]``, the packed upper triangle of
+   ``GᵀG`` (``[ff, fr, rr]`` for two players; partial sums for the local shards, the optimizer
+   all-reduces them when sharded).  ``grads[k][i]`` is player k's gradient of tensor i.
 2. ``adamw(bucket, coefficients, skip, hp)`` / ``sgd(...)`` → apply the base rule to
-   ``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in place, where ``coefficients = [c_f, c_r, s_f,
-   s_r]`` (float64, from :func:`kernel_coefficients`: the ``s`` are powers of two that keep
-   the ``c`` inside the compute dtype's range) and ``skip`` (a 0-dim float tensor, 1.0 =
-   skip) are device tensors: nothing reads them on the host.
+   ``d = Σ_k c_k·(s_k·g_k)`` in place, where ``coefficients = [c_1..c_K, s_1..s_K]``
+   (float64, from :func:`kernel_coefficients`: the ``s`` are powers of two that keep the
+   ``c`` inside the compute dtype's range) and ``skip`` (a 0-dim float tensor, 1.0 = skip)
+   are device tensors: nothing reads them on the host.
 
 A backend is a module exposing ``name``, ``is_available()``, ``unavailable_reason()``
 (a short human-readable string, "" when available), ``supports(device)`` and those three
-functions; the optimizer groups tensors into :class:`TensorBucket` s.
+functions; the optimizer groups tensors into :class:`TensorBucket` s, flat lists of tensors
+(one per parameter) for the gradients of each player and for each state key.
 
 Semantics every backend must match (the reference backend is the oracle):
 * ``gram``: float64 accumulation; ``None`` entries count as zero; deterministic.
+* ``d`` is formed in the compute dtype (fp32; fp64 for fp64 parameters), players added in
+  order, and **never rounded to the gradient dtype**: it is never materialised in the fused
+  backends, so for bf16/fp16 parameters the step is more precise than torch.optim fed d as
+  ``.grad`` (identical for fp32/fp64).
 * ``adamw``: exactly torch.optim.AdamW (decoupled decay, bias correction with the
   per-parameter ``state["step"]``, a float32 0-dim tensor on the parameter's device,
   incremented by 1 unless skipped), states ``exp_avg``/``exp_avg_sq`` in the param dtype
@@ -26,12 +32,16 @@ Semantics every backend must match (the reference backend is the oracle):
   skipped first step leaves the next one first.  ``bucket.first_step`` is the host's
   knowledge that every count is 0 (states created in this step).
 * ``maximize`` negates d.  When ``skip`` is 1.0 nothing is written at all.
+
+Each rule's hyperparameters are declared once, as the fields of :class:`AdamWHyper` /
+:class:`SGDHyper`; :data:`RULES` adds the state keys.  The custom-op schemas, the C++
+bindings' argument order and the Triton launch arguments all follow those declarations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -41,15 +51,29 @@ from torch import Tensor
 class TensorBucket:
     """Tensors of one param group sharing device, dtype, state dtype and first-step-ness: one launch.
 
-    ``forget[i]`` / ``preserve[i]`` may be ``None`` (a missing gradient counts as zero)
-    but never both.  ``states[i]`` is the optimizer state dict of ``params[i]``.
+    ``grads[k][i]`` is player k's gradient of ``params[i]``, or ``None`` (a missing gradient
+    counts as zero; a parameter has at least one).  ``states[key][i]`` is ``params[i]``'s
+    state tensor ``key`` (the rule's :data:`RULES` keys; none for SGD without momentum).
     """
 
     params: list[Tensor] = field(default_factory=list)
-    forget: list[Tensor | None] = field(default_factory=list)
-    preserve: list[Tensor | None] = field(default_factory=list)
-    states: list[dict] = field(default_factory=list)
+    grads: list[list[Tensor | None]] = field(default_factory=lambda: [[], []])
+    states: dict[str, list[Tensor]] = field(default_factory=dict)
     first_step: bool = False
+
+    @property
+    def players(self) -> int:
+        return len(self.grads)
+
+    @property
+    def forget(self) -> list[Tensor | None]:
+        """Two-player spelling: the first player's gradients."""
+        return self.grads[0]
+
+    @property
+    def preserve(self) -> list[Tensor | None]:
+        """Two-player spelling: the last player's gradients (the live ``.grad``)."""
+        return self.grads[-1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,10 +82,9 @@ class TensorBucket:
     @property
     def state_dtype(self) -> torch.dtype:
         """Dtype of the floating state tensors (all alike in a bucket); the param dtype if none."""
-        for state in self.states[:1]:
-            for key, value in state.items():
-                if key != "step":
-                    return value.dtype
+        for key, values in self.states.items():
+            if key != "step" and values:
+                return values[0].dtype
         return self.dtype
 
     @property
@@ -69,7 +92,7 @@ class TensorBucket:
         return self.params[0].device
 
     def state(self, key: str) -> list[Tensor]:
-        return [s[key] for s in self.states]
+        return self.states.get(key, [])
 
 
 @dataclass(frozen=True)
@@ -92,11 +115,39 @@ class SGDHyper:
     maximize: bool
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A base rule: its hyperparameters (a dataclass whose first field is ``lr``), the state
+    keys its kernels update (in the order the kernels take them), and ``scalars``: ``(name,
+    float|bool)`` of every hyperparameter but ``lr`` in declaration order (read off the
+    dataclass once, here: torch.compile cannot trace ``dataclasses.fields``)."""
+
+    hyper: type
+    state_keys: tuple[str, ...]
+    scalars: tuple[tuple[str, type], ...]
+
+
+def _rule(hyper: type, state_keys: tuple[str, ...]) -> Rule:
+    scalars = tuple((f.name, bool if "bool" in str(f.type) else float) for f in fields(hyper)[1:])
+    return Rule(hyper, state_keys, scalars)
+
+
+RULES = {
+    "adamw": _rule(AdamWHyper, ("exp_avg", "exp_avg_sq", "step")),
+    "sgd": _rule(SGDHyper, ("momentum_buffer", "step")),  # only with momentum
+}
+
+
+def rule_state_keys(rule: str, hp) -> tuple[str, ...]:
+    """The state keys a step of ``rule`` with ``hp`` uses (SGD without momentum: none)."""
+    return () if rule == "sgd" and hp.momentum == 0 else RULES[rule].state_keys
+
+
 _FP32_EXPONENTS = (-126, 127)  # powers of two that are normal fp32 numbers
 
 
 def kernel_coefficients(coefficients: Tensor, compute_dtype: torch.dtype) -> Tensor:
-    """``[c_f, c_r, s_f, s_r]`` (float64) with ``c·s`` = the bargain's coefficients.
+    """``[c_1..c_K, s_1..s_K]`` (float64) with ``c·s`` = the bargain's coefficients.
 
     ``α = a/‖g‖`` exceeds fp32's range for gradients of norm below ~1e-38 (or above ~1e38
     it falls below the normal range), while every element of ``α·g`` is of order ``a``.
@@ -143,9 +194,10 @@ def stage_for_linear_walk(bucket: TensorBucket, state_keys: Sequence[str]):
     returned ``(original, copy)`` pairs go to :func:`copy_back` after the kernel ran.
     """
     params, states, staged = [], [[] for _ in state_keys], []
-    for p, state in zip(bucket.params, bucket.states):
-        copy = not (is_dense(p) and all(state[key].stride() == p.stride() for key in state_keys))
-        for tensors, t in zip([params, *states], [p, *(state[k] for k in state_keys)]):
+    for i, p in enumerate(bucket.params):
+        mine = [bucket.states[key][i] for key in state_keys]
+        copy = not (is_dense(p) and all(t.stride() == p.stride() for t in mine))
+        for tensors, t in zip([params, *states], [p, *mine]):
             tensors.append(t.contiguous().clone() if copy else t)
             if copy:
                 staged.append((t, tensors[-1]))

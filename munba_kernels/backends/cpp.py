@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from .base import AdamWHyper, SGDHyper, TensorBucket, copy_back, stage_for_linear_walk
+from .base import RULES, AdamWHyper, SGDHyper, TensorBucket, copy_back, rule_state_keys, stage_for_linear_walk
 
 name = "cpp"
 
@@ -67,11 +67,11 @@ def _lib() -> ModuleType:
     return lib
 
 
-def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
-    """Float64 ``[ff, fr, rr]`` over all pairs (``None`` = zero gradient)."""
-    if any(g is not None and g.dtype not in _DTYPES for g in (*forget, *preserve)):
-        return reference.gram(forget, preserve, device)  # e.g. float8: no kernel for it
-    return _lib().gram(list(forget), list(preserve))
+def _gram(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
+    """The packed float64 Gram of ``grads[player][tensor]`` (``None`` = zero gradient)."""
+    if any(g is not None and g.dtype not in _DTYPES for player in grads for g in player):
+        return reference.gram(grads, device)  # e.g. float8: no kernel for it
+    return _lib().gram([list(player) for player in grads])
 
 
 def _lr(lr: float | Tensor) -> float:
@@ -79,52 +79,28 @@ def _lr(lr: float | Tensor) -> float:
     return float(lr)
 
 
-def _adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+def _update(rule: str, bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp) -> None:
+    """One launch of the C++ rule: its arguments follow :data:`.base.RULES` (state lists in the
+    rule's key order, then the hyperparameters in their declared order)."""
     if bucket.dtype not in _DTYPES:  # e.g. float8: no kernel for it
-        reference.adamw(bucket, coefficients, skip, hp)
+        getattr(reference, rule)(bucket, coefficients, skip, hp)
         return
-    params, (exp_avg, exp_avg_sq), staged = stage_for_linear_walk(bucket, ("exp_avg", "exp_avg_sq"))
-    _lib().adamw(
-        params,
-        bucket.forget,
-        bucket.preserve,
-        exp_avg,
-        exp_avg_sq,
-        bucket.state("step"),
-        coefficients,
-        skip,
-        _lr(hp.lr),
-        hp.beta1,
-        hp.beta2,
-        hp.eps,
-        hp.weight_decay,
-        hp.maximize,
-    )
+    keys = rule_state_keys(rule, hp)
+    elementwise = [key for key in keys if key != "step"]
+    params, staged_states, staged = stage_for_linear_walk(bucket, elementwise)
+    by_key = dict(zip(elementwise, staged_states))
+    states = [by_key.get(key, bucket.state(key)) if key in keys else [] for key in RULES[rule].state_keys]
+    scalars = [getattr(hp, name) for name, _ in RULES[rule].scalars]
+    getattr(_lib(), rule)(params, [list(g) for g in bucket.grads], *states, coefficients, skip, _lr(hp.lr), *scalars)
     copy_back(staged)
+
+
+def _adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
+    _update("adamw", bucket, coefficients, skip, hp)
 
 
 def _sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
-    if bucket.dtype not in _DTYPES:
-        reference.sgd(bucket, coefficients, skip, hp)
-        return
-    keys = ("momentum_buffer",) if hp.momentum != 0 else ()
-    params, states, staged = stage_for_linear_walk(bucket, keys)
-    _lib().sgd(
-        params,
-        bucket.forget,
-        bucket.preserve,
-        states[0] if keys else [],
-        bucket.state("step") if keys else [],
-        coefficients,
-        skip,
-        _lr(hp.lr),
-        hp.momentum,
-        hp.dampening,
-        hp.nesterov,
-        hp.weight_decay,
-        hp.maximize,
-    )
-    copy_back(staged)
+    _update("sgd", bucket, coefficients, skip, hp)
 
 
 _OPS = ops.register(name, _gram, _adamw, _sgd)

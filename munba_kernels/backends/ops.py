@@ -10,9 +10,12 @@ read operand addresses from a pointer table (``data_ptr()``), which fake tensors
 have, so the launcher cannot be traced, only called.
 
 :func:`register` turns a backend's plain ``gram`` / ``adamw`` / ``sgd`` (the contract of
-:mod:`.base`) into functions with the same signatures that call the ops.  Inside an op,
-a tensor ``lr`` reaches the backend as it was given, so reading a CPU tensor lr is no graph
-break, and a device lr is read by the kernel.
+:mod:`.base`) into functions with the same signatures that call the ops.  The update ops'
+schemas are generated from :data:`.base.RULES` (each rule's state keys and hyperparameter
+fields), so a hyperparameter is declared once.  Gradients travel as one flat list,
+player-major, with the player count beside it.  Inside an op, a tensor ``lr`` reaches the
+backend as it was given, so reading a CPU tensor lr is no graph break, and a device lr is
+read by the kernel.
 """
 
 from __future__ import annotations
@@ -23,23 +26,36 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from .base import AdamWHyper, SGDHyper, TensorBucket
+from .base import RULES, TensorBucket
 
-_GRAM = "(Tensor?[] forget, Tensor?[] preserve, Device device) -> Tensor"
-_ADAMW = (
-    "(Tensor(a!)[] params, Tensor?[] forget, Tensor?[] preserve, Tensor(b!)[] exp_avgs, "
-    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor coefficients, Tensor skip, Tensor? lr_tensor, "
-    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()"
-)
-_SGD = (
-    "(Tensor(a!)[] params, Tensor?[] forget, Tensor?[] preserve, Tensor(b!)[] momentum_buffers, "
-    "Tensor(c!)[] steps, Tensor coefficients, Tensor skip, Tensor? lr_tensor, float lr, float momentum, float dampening, "
-    "bool nesterov, float weight_decay, bool maximize, bool first_step) -> ()"
-)
+_GRAM = "(Tensor?[] grads, int players, Device device) -> Tensor"
+
+
+def _update_schema(rule: str) -> str:
+    spec = RULES[rule]
+    states = ", ".join(f"Tensor({chr(ord('b') + i)}!)[] {key}" for i, key in enumerate(spec.state_keys))
+    scalars = ", ".join(f"{kind.__name__} {name}" for name, kind in spec.scalars)
+    return (
+        f"(Tensor(a!)[] params, Tensor?[] grads, int players, {states}, Tensor coefficients, Tensor skip, "
+        f"bool first_step, Tensor? lr_tensor, float lr, {scalars}) -> ()"
+    )
 
 
 def _split_lr(lr: float | Tensor) -> tuple[Tensor | None, float]:
     return (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
+
+
+def _flatten(grads: list[list[Tensor | None]]) -> list[Tensor | None]:
+    return [g for player in grads for g in player]
+
+
+def _unflatten(flat: list[Tensor | None], players: int) -> list[list[Tensor | None]]:
+    n = len(flat) // players
+    return [list(flat[k * n : (k + 1) * n]) for k in range(players)]
+
+
+def gram_size(players: int) -> int:
+    return players * (players + 1) // 2
 
 
 def register(name: str, gram: Callable, adamw: Callable, sgd: Callable) -> SimpleNamespace:
@@ -50,85 +66,50 @@ def register(name: str, gram: Callable, adamw: Callable, sgd: Callable) -> Simpl
     """
 
     @torch.library.custom_op(f"munba::{name}_gram", mutates_args=(), schema=_GRAM)
-    def gram_op(forget, preserve, device):
-        return gram(forget, preserve, device)
+    def gram_op(grads, players, device):
+        return gram(_unflatten(grads, players), device)
 
     @gram_op.register_fake
-    def _(forget, preserve, device):
-        return torch.empty(3, dtype=torch.float64, device=device)
+    def _(grads, players, device):
+        return torch.empty(gram_size(players), dtype=torch.float64, device=device)
 
-    @torch.library.custom_op(
-        f"munba::{name}_adamw", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"), schema=_ADAMW
-    )
-    def adamw_op(
-        params, forget, preserve, exp_avgs, exp_avg_sqs, steps, coefficients, skip, lr_tensor, lr, *hp
-    ):
-        states = [dict(step=s, exp_avg=m, exp_avg_sq=v) for s, m, v in zip(steps, exp_avgs, exp_avg_sqs)]
-        bucket = TensorBucket(params, forget, preserve, states)
-        adamw(bucket, coefficients, skip, AdamWHyper(lr if lr_tensor is None else lr_tensor, *hp))
+    def update_op(rule: str, update: Callable):
+        spec = RULES[rule]
 
-    @adamw_op.register_fake
-    def _(*args):
-        return None
-
-    @torch.library.custom_op(
-        f"munba::{name}_sgd", mutates_args=("params", "momentum_buffers", "steps"), schema=_SGD
-    )
-    def sgd_op(params, forget, preserve, momentum_buffers, steps, coefficients, skip, lr_tensor, lr, *hp_and_first):
-        *hp, first_step = hp_and_first
-        states = (
-            [dict(momentum_buffer=b, step=s) for b, s in zip(momentum_buffers, steps)]
-            if momentum_buffers
-            else [{} for _ in params]
+        @torch.library.custom_op(
+            f"munba::{name}_{rule}",
+            mutates_args=("params", *spec.state_keys),
+            schema=_update_schema(rule),
         )
-        bucket = TensorBucket(params, forget, preserve, states, first_step)
-        sgd(bucket, coefficients, skip, SGDHyper(lr if lr_tensor is None else lr_tensor, *hp))
+        def op(params, grads, players, *args):
+            k = len(spec.state_keys)
+            state_lists, (coefficients, skip, first_step, lr_tensor, lr, *scalars) = args[:k], args[k:]
+            states = {key: list(values) for key, values in zip(spec.state_keys, state_lists) if values}
+            bucket = TensorBucket(params, _unflatten(grads, players), states, first_step)
+            update(bucket, coefficients, skip, spec.hyper(lr if lr_tensor is None else lr_tensor, *scalars))
 
-    @sgd_op.register_fake
-    def _(*args):
-        return None
+        @op.register_fake
+        def _(*args):
+            return None
 
-    def gram_via_op(forget, preserve, device) -> Tensor:
-        return gram_op(list(forget), list(preserve), torch.device(device))
+        def via_op(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp) -> None:
+            lr_tensor, lr = _split_lr(hp.lr)
+            op(
+                bucket.params,
+                _flatten(bucket.grads),
+                bucket.players,
+                *(bucket.state(key) for key in spec.state_keys),
+                coefficients,
+                skip,
+                bucket.first_step,
+                lr_tensor,
+                lr,
+                *(getattr(hp, field) for field, _ in spec.scalars),
+            )
 
-    def adamw_via_op(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyper) -> None:
-        lr_tensor, lr = _split_lr(hp.lr)
-        adamw_op(
-            bucket.params,
-            bucket.forget,
-            bucket.preserve,
-            bucket.state("exp_avg"),
-            bucket.state("exp_avg_sq"),
-            bucket.state("step"),
-            coefficients,
-            skip,
-            lr_tensor,
-            lr,
-            hp.beta1,
-            hp.beta2,
-            hp.eps,
-            hp.weight_decay,
-            hp.maximize,
-        )
+        return via_op
 
-    def sgd_via_op(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) -> None:
-        lr_tensor, lr = _split_lr(hp.lr)
-        sgd_op(
-            bucket.params,
-            bucket.forget,
-            bucket.preserve,
-            bucket.state("momentum_buffer") if hp.momentum != 0 else [],
-            bucket.state("step") if hp.momentum != 0 else [],
-            coefficients,
-            skip,
-            lr_tensor,
-            lr,
-            hp.momentum,
-            hp.dampening,
-            hp.nesterov,
-            hp.weight_decay,
-            hp.maximize,
-            bucket.first_step,
-        )
+    def gram_via_op(grads, device) -> Tensor:
+        return gram_op(_flatten([list(g) for g in grads]), len(grads), torch.device(device))
 
-    return SimpleNamespace(gram=gram_via_op, adamw=adamw_via_op, sgd=sgd_via_op)
+    return SimpleNamespace(gram=gram_via_op, adamw=update_op("adamw", adamw), sgd=update_op("sgd", sgd))

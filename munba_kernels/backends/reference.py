@@ -5,9 +5,9 @@ gradient of any floating dtype has a non-zero square and 1e±20-scale gradients 
 overflow nor underflow.  Per-tensor partial sums are added in a fixed order, so the
 result is deterministic.
 
-Pass 2 forms ``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in fp32 (fp64 for fp64 gradients;
-``s`` are the powers of two of :func:`.base.kernel_coefficients`), rounds it once to the
-gradient dtype and hands it to torch's own fused AdamW / SGD kernels.  Those kernels *define*
+Pass 2 forms ``d = Σ_k c_k·(s_k·g_k)`` in fp32 (fp64 for fp64 gradients; ``s`` are the
+powers of two of :func:`.base.kernel_coefficients`) and hands it, never rounded, to torch's
+own fused AdamW / SGD kernels.  Those kernels *define*
 "the same semantics as torch.optim.AdamW/SGD", and their ``found_inf`` argument skips a
 step on the device, leaving every parameter and state untouched.
 
@@ -15,10 +15,10 @@ Both passes run as ``torch.library`` custom ops (:mod:`.ops`), like the fused ba
 traced by ``torch.compile``, torch's ``_fused_adamw_`` with a ``found_inf`` computed in the
 graph fails functionalization (torch 2.14), so the passes stay opaque nodes here too.
 
-fp32 states for bf16/fp16 params: torch's fused kernels need one dtype for a parameter and
-its states, so the rule runs on fp32 copies of the parameters (exact widenings) with d
-widened likewise, and each parameter is rounded back once: math in fp32, states stored in
-fp32, the parameter rounded once, which is what the fused backends do in registers.
+bf16/fp16 params: torch's fused kernels need one dtype for a parameter, its gradient and its
+states, so the rule runs on fp32 copies of the parameters and of 16-bit states (exact
+widenings) with d in fp32, and each is rounded back once: math in fp32, one rounding on
+store, which is what the fused backends do in registers.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import bargaining_k
 from . import base, ops
 from .base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, copy_back, stage_for_linear_walk
 
@@ -50,8 +51,9 @@ def supports(device: torch.device) -> bool:
 GRAM_CHUNK, GRAM_LANES, _SLAB_CHUNKS = 1 << 15, 8, 32
 
 
-def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], device) -> Tensor:
-    """Return float64 ``[ff, fr, rr]`` over all pairs; ``None`` counts as a zero gradient.
+def _gram(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
+    """Return the packed float64 Gram ``[K(K+1)/2]`` (``[ff, fr, rr]`` for two players) of
+    ``grads[k][i]``, player k's gradient of tensor i; ``None`` counts as a zero gradient.
 
     The summation order is spelled out, the C++ kernel's exactly (``csrc/munba_cpu.cpp``):
     each tensor in memory order, in chunks of ``GRAM_CHUNK`` elements; in a chunk, lane ``k``
@@ -59,20 +61,24 @@ def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], de
     torch evaluates sequentially), the 8 lanes fold pairwise, and the chunk sums are added
     in chunk order.  So the result depends on the tensor sizes alone, never on the thread
     count (``torch.dot`` splits its reduction over threads), and on the CPU it is bitwise
-    the C++ backend's.  Slabs of a few chunks bound the float64 temporaries.
+    the C++ backend's.  Every entry is its own pair's sum (``i·j`` for each ``i ≤ j``), which
+    is also how the C++ kernel sums K ≥ 3 players.  Slabs of a few chunks bound the float64
+    temporaries.
     """
-    partials = [torch.zeros(1, 3, dtype=torch.float64, device=device)]  # C++ starts from 0.0 too
-    for gf, gr in zip(forget, preserve):
-        like = gf if gf is not None else gr
+    players = len(grads)
+    pairs = bargaining_k.pairs(players)
+    partials = [torch.zeros(1, len(pairs), dtype=torch.float64, device=device)]  # C++ starts from 0.0 too
+    for tensor in zip(*grads):
+        like = next((g for g in tensor if g is not None), None)
         if like is None or like.numel() == 0:
             continue
         if not base.is_dense(like):
             like = like.contiguous()
-        f, r = (None if g is None else _in_memory_order(g, like) for g in (gf, gr))
+        flat = [None if g is None else _in_memory_order(g, like) for g in tensor]
         slab = GRAM_CHUNK * _SLAB_CHUNKS
         for start in range(0, like.numel(), slab):
-            fs, rs = (None if g is None else g[start : start + slab].to(torch.float64) for g in (f, r))
-            partials.append(_chunk_sums(fs, rs))
+            pieces = [None if g is None else g[start : start + slab].to(torch.float64) for g in flat]
+            partials.append(_chunk_sums(pieces, pairs))
     return torch.cat(partials).cumsum(0)[-1].clone()  # its own storage, as the fake result
 
 
@@ -83,22 +89,21 @@ def _in_memory_order(g: Tensor, like: Tensor) -> Tensor:
     return g.as_strided((g.numel(),), (1,))
 
 
-def _chunk_sums(f: Tensor | None, r: Tensor | None) -> Tensor:
-    """``[n_chunks, 3]`` chunk sums of f·f, f·r, r·r (``None`` = zeros) in the C++ order."""
-    present = f if f is not None else r
+def _chunk_sums(pieces: list[Tensor | None], pairs) -> Tensor:
+    """``[n_chunks, len(pairs)]`` chunk sums of ``pieces[i]·pieces[j]`` (``None`` = zeros) in the C++ order."""
+    present = next(g for g in pieces if g is not None)
     n = present.numel()
     chunks = -(-n // GRAM_CHUNK)
     pad = chunks * GRAM_CHUNK - n  # zeros added to a lane change no sum
-
-    def lanes(x: Tensor | None, y: Tensor | None) -> Tensor:
-        if x is None or y is None:
-            return torch.zeros(chunks, GRAM_LANES, dtype=torch.float64, device=present.device)
-        products = torch.nn.functional.pad(x * y, (0, pad)).view(chunks, -1, GRAM_LANES)
-        return products.cumsum(1)[:, -1]
-
+    zeros = torch.zeros(chunks, dtype=torch.float64, device=present.device)
     sums = []
-    for x in (lanes(f, f), lanes(f, r), lanes(r, r)):
-        sums.append(((x[:, 0] + x[:, 1]) + (x[:, 2] + x[:, 3])) + ((x[:, 4] + x[:, 5]) + (x[:, 6] + x[:, 7])))
+    for i, j in pairs:
+        x, y = pieces[i], pieces[j]
+        if x is None or y is None:
+            sums.append(zeros)
+            continue
+        lanes = torch.nn.functional.pad(x * y, (0, pad)).view(chunks, -1, GRAM_LANES).cumsum(1)[:, -1]
+        sums.append(((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + ((lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])))
     return torch.stack(sums, dim=1)
 
 
@@ -109,33 +114,43 @@ def _fused_step(bucket: TensorBucket, coefficients: Tensor, state_keys: tuple[st
     allocated in the parameter's layout, and odd layouts are staged (see
     :func:`.base.stage_for_linear_walk`).
     """
-    params, states, staged = stage_for_linear_walk(bucket, state_keys)
+    params, states, staged = stage_for_linear_walk(bucket, state_keys)  # state_keys: elementwise ones
     directions = combine(bucket, coefficients, layouts=params)
-    if bucket.state_dtype != bucket.dtype:
-        wide = [p.to(bucket.state_dtype) for p in params]
-        kernel(wide, [d.to(bucket.state_dtype) for d in directions], *states)
+    math = compute_dtype(bucket.dtype)
+    if bucket.dtype != math:
+        wide = [p.to(math) for p in params]
+        wide_states = [[t.to(math) for t in ts] if bucket.state_dtype != math else ts for ts in states]
+        kernel(wide, directions, *wide_states)
         torch._foreach_copy_(params, wide)
+        for ts, wide_ts in zip(states, wide_states):
+            if wide_ts is not ts:
+                torch._foreach_copy_(ts, wide_ts)
     else:
         kernel(params, directions, *states)
     copy_back(staged)
 
 
 def combine(bucket: TensorBucket, coefficients: Tensor, layouts: list[Tensor]) -> list[Tensor]:
-    """The bargained direction per tensor, ``d = c_f (s_f g_f) + c_r (s_r g_r)``, in the gradient dtype.
+    """The bargained direction per tensor, ``d = Σ_k c_k (s_k g_k)`` in player order, in the compute dtype.
 
     Allocates the directions (one gradient's worth, freed after the step) rather than
     writing into any gradient: callers may still hold references to them.  Each direction
     is laid out like the corresponding tensor of ``layouts``.
     """
     opm = compute_dtype(bucket.dtype)
-    c_f, c_r, s_f, s_r = coefficients.to(opm).unbind()
+    k = bucket.players
+    c = coefficients.to(opm).unbind()
+    scale, coefficient = c[k:], c[:k]
     out = []
-    for i, (gf, gr) in enumerate(zip(bucket.forget, bucket.preserve)):
-        terms = [(g.to(opm) * s) * c for g, c, s in ((gf, c_f, s_f), (gr, c_r, s_r)) if g is not None]
-        d = terms[0] if len(terms) == 1 else terms[0].add_(terms[1])
+    for i, tensor in enumerate(zip(*bucket.grads)):
+        d = None
+        for g, ck, sk in zip(tensor, coefficient, scale):
+            if g is not None:
+                term = (g.to(opm) * sk) * ck
+                d = term if d is None else d.add_(term)
         if d.stride() != layouts[i].stride():
-            d = torch.empty_like(layouts[i], dtype=bucket.dtype).copy_(d)
-        out.append(d.to(bucket.dtype))
+            d = torch.empty_like(layouts[i], dtype=opm).copy_(d)
+        out.append(d)
     return out
 
 

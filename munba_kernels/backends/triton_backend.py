@@ -54,8 +54,8 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _interpreted())
 
 
-def gram(forget, preserve, device):
-    return _OPS.gram(forget, preserve, device)
+def gram(grads, device):
+    return _OPS.gram(grads, device)
 
 
 def adamw(bucket, coefficients, skip, hp):

@@ -1,13 +1,13 @@
 """Pass 2 on the GPU: bargained direction + AdamW / SGD, fused, one launch per bucket.
 
 Each program takes one chunk of one tensor from a chunk table (see :mod:`.triton_tables`),
-loads ``[c_f, c_r, s_f, s_r]`` and the skip flag from device memory, forms
-``d = c_f·(s_f·g_f) + c_r·(s_r·g_r)`` in registers (the powers of two ``s`` keep huge or
-tiny coefficients inside fp32, see :func:`.base.kernel_coefficients`) and applies torch.optim.AdamW's or SGD's rule,
+loads ``[c_1..c_K, s_1..s_K]`` and the skip flag from device memory, forms
+``d = Σ_k c_k·(s_k·g_k)`` in registers (K = ``PLAYERS``, a constexpr; the table has one
+gradient column per player; the powers of two ``s`` keep huge or tiny coefficients inside
+fp32, see :func:`.base.kernel_coefficients`) and applies torch.optim.AdamW's or SGD's rule,
 reading every array once and writing the parameter and its states once.  Math runs in
-fp32 (fp64 for fp64 parameters) with one rounding on store.  ``d`` is rounded once to
-the gradient dtype before the rule, exactly what torch.optim would see as ``.grad``; this
-is a no-op for fp32 and keeps bf16/fp16 results identical in kind to the reference.
+fp32 (fp64 for fp64 parameters) with one rounding on store; ``d`` stays in registers and
+is never rounded to the gradient dtype (the contract in :mod:`.base`).
 
 States are stored in ``STATE`` (a constexpr): the parameter dtype, or fp32 for bf16/fp16
 parameters; the table carries only addresses, so nothing else changes.
@@ -101,27 +101,30 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _direction(row, offs, mask, coefficients, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
-    """d = c_f·(s_f·g_f) + c_r·(s_r·g_r) for one block, rounded once to the gradient dtype."""
-    f_addr = tl.load(row + 1)
-    r_addr = tl.load(row + 2)
-    c_f = tl.load(coefficients).to(COMPUTE)
-    c_r = tl.load(coefficients + 1).to(COMPUTE)
-    s_f = tl.load(coefficients + 2).to(COMPUTE)
-    s_r = tl.load(coefficients + 3).to(COMPUTE)
-    f_ptr = f_addr.to(tl.pointer_type(DTYPE))
-    r_ptr = r_addr.to(tl.pointer_type(DTYPE))
-    g_f = tl.load(f_ptr + offs, mask=mask & (f_addr != 0), other=0.0).to(COMPUTE)
-    g_r = tl.load(r_ptr + offs, mask=mask & (r_addr != 0), other=0.0).to(COMPUTE)
-    return _round(c_f * (g_f * s_f) + c_r * (g_r * s_r), DTYPE).to(COMPUTE)
+def _term(row, offs, mask, coefficients, k, PLAYERS: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """c_k·(s_k·g_k) for one block (a missing gradient has address 0 and reads nothing)."""
+    addr = tl.load(row + 1 + k)
+    c = tl.load(coefficients + k).to(COMPUTE)
+    s = tl.load(coefficients + PLAYERS + k).to(COMPUTE)
+    g = tl.load(addr.to(tl.pointer_type(DTYPE)) + offs, mask=mask & (addr != 0), other=0.0).to(COMPUTE)
+    return c * (g * s)
+
+
+@triton.jit
+def _direction(row, offs, mask, coefficients, PLAYERS: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """d = Σ_k c_k·(s_k·g_k) for one block, players added in order, in the compute dtype (never rounded)."""
+    d = _term(row, offs, mask, coefficients, 0, PLAYERS, DTYPE, COMPUTE)
+    for k in tl.static_range(1, PLAYERS):
+        d = d + _term(row, offs, mask, coefficients, k, PLAYERS, DTYPE, COMPUTE)
+    return d
 
 
 @triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
 @triton.jit
 def _adamw_kernel(
-    tensors,  # int64 [n, 7]: p, g_f, g_r, exp_avg, exp_avg_sq, step addresses; numel
+    tensors,  # int64 [n, K + 5]: p, g_1..g_K, exp_avg, exp_avg_sq, step addresses; numel
     chunks,  # int64 [n_chunks, 2]: tensor index, first element
-    coefficients,  # float64 [4]: c_f, c_r, s_f, s_r
+    coefficients,  # float64 [2K]: c_1..c_K, s_1..s_K
     skip_ptr,  # float32 []: 1.0 = write nothing
     lr_ptr,  # lr as a device tensor (LR_ON_DEVICE), else unused
     lr: tl.float64,
@@ -131,6 +134,7 @@ def _adamw_kernel(
     log2_beta2: tl.float64,
     eps: tl.float64,
     weight_decay: tl.float64,
+    PLAYERS: tl.constexpr,
     DTYPE: tl.constexpr,
     STATE: tl.constexpr,  # dtype of exp_avg / exp_avg_sq
     COMPUTE: tl.constexpr,
@@ -143,12 +147,12 @@ def _adamw_kernel(
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    row = tensors + 7 * t
+    row = tensors + (PLAYERS + 5) * t
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
-    v_ptr = tl.load(row + 4).to(tl.pointer_type(STATE))
-    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
-    numel = tl.load(row + 6)
+    m_ptr = tl.load(row + PLAYERS + 1).to(tl.pointer_type(STATE))
+    v_ptr = tl.load(row + PLAYERS + 2).to(tl.pointer_type(STATE))
+    step = tl.load(tl.load(row + PLAYERS + 3).to(tl.pointer_type(tl.float32))).to(tl.float64)
+    numel = tl.load(row + PLAYERS + 4)
     # A skipped step ends every chunk at 0: no load or store is issued at all.
     end = tl.where(tl.load(skip_ptr) == 0.0, numel, 0)
     lr = tl.load(lr_ptr).to(tl.float64) if LR_ON_DEVICE else _f64(lr)
@@ -166,7 +170,7 @@ def _adamw_kernel(
     for i in range(0, tl.minimum(end - start, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < end
-        d = _direction(row, offs, mask, coefficients, DTYPE, COMPUTE)
+        d = _direction(row, offs, mask, coefficients, PLAYERS, DTYPE, COMPUTE)
         if MAXIMIZE:
             d = -d
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -185,7 +189,7 @@ def _adamw_kernel(
 @triton.autotune(configs=_configs(), key=["DTYPE", "STATE"])
 @triton.jit
 def _sgd_kernel(
-    tensors,  # int64 [n, 6]: p, g_f, g_r, momentum_buffer, step addresses; numel
+    tensors,  # int64 [n, K + 4]: p, g_1..g_K, momentum_buffer, step addresses; numel
     chunks,
     coefficients,
     skip_ptr,
@@ -194,6 +198,7 @@ def _sgd_kernel(
     momentum: tl.float64,
     dampening: tl.float64,
     weight_decay: tl.float64,
+    PLAYERS: tl.constexpr,
     DTYPE: tl.constexpr,
     STATE: tl.constexpr,  # dtype of momentum_buffer
     COMPUTE: tl.constexpr,
@@ -210,10 +215,10 @@ def _sgd_kernel(
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    row = tensors + 6 * t
+    row = tensors + (PLAYERS + 4) * t
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    buf_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
-    numel = tl.load(row + 5)
+    buf_ptr = tl.load(row + PLAYERS + 1).to(tl.pointer_type(STATE))
+    numel = tl.load(row + PLAYERS + 3)
     # A skipped step ends every chunk at 0: no load or store is issued at all.
     end = tl.where(tl.load(skip_ptr) == 0.0, numel, 0)
     lr = tl.load(lr_ptr).to(COMPUTE) if LR_ON_DEVICE else _f64(lr).to(COMPUTE)
@@ -224,7 +229,7 @@ def _sgd_kernel(
     for i in range(0, tl.minimum(end - start, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < end
-        d = _direction(row, offs, mask, coefficients, DTYPE, COMPUTE)
+        d = _direction(row, offs, mask, coefficients, PLAYERS, DTYPE, COMPUTE)
         if MAXIMIZE:
             d = -d
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -236,7 +241,7 @@ def _sgd_kernel(
             else:
                 # torch's "buf is None" branch, decided on the device: a first step that
                 # was skipped left the count at 0, so this one is first (count 1).
-                first = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32))) == 1.0
+                first = tl.load(tl.load(row + PLAYERS + 2).to(tl.pointer_type(tl.float32))) == 1.0
                 buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
                 buf = tl.where(first, d, mom * buf + keep * d)
             tl.store(buf_ptr + offs, _round(buf, STATE), mask=mask)
@@ -253,7 +258,7 @@ def _address(t: Tensor | None) -> int:
 
 
 def _rows(bucket: TensorBucket, state_keys: tuple[str | None, ...]):
-    """Table rows ``[p, g_f, g_r, *states]`` and sizes, tensors to keep alive, staged copies.
+    """Table rows ``[p, g_1..g_K, *states]`` and sizes, tensors to keep alive, staged copies.
 
     A ``None`` state key is an unused column (address 0), so a kernel's row width is fixed.
     A parameter that is not dense, or whose states have other strides, is updated through
@@ -264,11 +269,11 @@ def _rows(bucket: TensorBucket, state_keys: tuple[str | None, ...]):
     params, staged_states, staged = stage_for_linear_walk(bucket, elementwise)
     by_key = dict(zip(elementwise, staged_states))
     rows, numels, keep_alive = [], [], []
-    for i, (p, gf, gr, state) in enumerate(zip(params, bucket.forget, bucket.preserve, bucket.states)):
+    for i, p in enumerate(params):
         if p.numel() == 0:
             continue
-        states = [None if k is None else by_key[k][i] if k in by_key else state[k] for k in state_keys]
-        grads = [None if g is None else triton_tables.laid_out_like(g, p) for g in (gf, gr)]
+        states = [None if k is None else by_key[k][i] if k in by_key else bucket.states[k][i] for k in state_keys]
+        grads = [None if player[i] is None else triton_tables.laid_out_like(player[i], p) for player in bucket.grads]
         keep_alive.extend(g for g in grads if g is not None)  # copies must outlive the launch
         rows.append([p.data_ptr(), *map(_address, grads), *map(_address, states)])
         numels.append(p.numel())
@@ -327,10 +332,10 @@ def _tune_on_scratch(kernel, state_keys, device: torch.device, launch_args: dict
             return torch.ones((), dtype=torch.float32, device=device)
         if column is None:
             return None
-        dtype = launch_args["DTYPE" if column in ("param", "forget", "preserve") else "STATE"]
+        dtype = launch_args["DTYPE" if column in ("param", "gradient") else "STATE"]
         return torch.zeros(_SCRATCH_NUMEL, dtype=torch_dtype[dtype], device=device)
 
-    columns = [scratch(k) for k in ("param", "forget", "preserve", *state_keys)]
+    columns = [scratch(k) for k in ("param", *["gradient"] * launch_args["PLAYERS"], *state_keys)]
     tables = triton_tables.build([list(map(_address, columns))], [_SCRATCH_NUMEL], device)
     args = dict(launch_args)
     args["coefficients"] = torch.ones_like(args["coefficients"])
@@ -369,6 +374,7 @@ def adamw(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: AdamWHyp
         log2_beta2=_log2(hp.beta2),
         eps=hp.eps,
         weight_decay=hp.weight_decay,
+        PLAYERS=bucket.players,
         **_kernel_dtypes(bucket),
         LR_ON_DEVICE=lr_ptr is not None,
         MAXIMIZE=hp.maximize,
@@ -390,6 +396,7 @@ def sgd(bucket: TensorBucket, coefficients: Tensor, skip: Tensor, hp: SGDHyper) 
         momentum=hp.momentum,
         dampening=hp.dampening,
         weight_decay=hp.weight_decay,
+        PLAYERS=bucket.players,
         **_kernel_dtypes(bucket),
         LR_ON_DEVICE=lr_ptr is not None,
         MAXIMIZE=hp.maximize,

@@ -22,10 +22,11 @@ if not (INTERPRETED or torch.cuda.is_available()):
 
 from munba_kernels import MUNBaOptimizer  # noqa: E402
 from munba_kernels.backends import reference, triton_backend, triton_tables  # noqa: E402
-from munba_kernels.backends.base import AdamWHyper, SGDHyper, TensorBucket  # noqa: E402
+from munba_kernels.backends.base import AdamWHyper, SGDHyper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
-from buckets import clone_bucket, coefficients_for, sgd_state  # noqa: E402
+from buckets import bucket, clone_bucket, coefficients_for, per_param_states, players_bucket, sgd_state  # noqa: E402
+from buckets import float64_gram as packed_float64_gram  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -69,24 +70,17 @@ def gradients(dtype, seed=0):
 
 
 def float64_gram(forget, preserve):
-    ff = fr = rr = torch.zeros((), dtype=torch.float64)
-    for gf, gr in zip(forget, preserve):
-        f = None if gf is None else gf.double().flatten().cpu()
-        r = None if gr is None else gr.double().flatten().cpu()
-        ff = ff if f is None else ff + torch.dot(f, f)
-        rr = rr if r is None else rr + torch.dot(r, r)
-        fr = fr if f is None or r is None else fr + torch.dot(f, r)
-    return torch.stack([ff, fr, rr])
+    return packed_float64_gram([forget, preserve])
 
 
 # ---------------------------------------------------------------------------- Gram
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gram_matches_float64_dot_and_is_deterministic(dtype):
     gf, gr = gradients(dtype)
-    got = triton_backend.gram(gf, gr, DEVICE)
+    got = triton_backend.gram([gf, gr], DEVICE)
     assert got.dtype == torch.float64 and got.device == DEVICE
     torch.testing.assert_close(got.cpu(), float64_gram(gf, gr), rtol=1e-12, atol=0)
-    assert torch.equal(triton_backend.gram(gf, gr, DEVICE), got)  # bitwise on repeat
+    assert torch.equal(triton_backend.gram([gf, gr], DEVICE), got)  # bitwise on repeat
 
 
 def test_gram_mixes_dtypes_and_layouts_in_one_call():
@@ -98,14 +92,14 @@ def test_gram_mixes_dtypes_and_layouts_in_one_call():
         randn((300,), torch.bfloat16, gen),
         randn((5,), torch.float16, gen),
     ]
-    got = triton_backend.gram(gf, gr, DEVICE)
+    got = triton_backend.gram([gf, gr], DEVICE)
     torch.testing.assert_close(got.cpu(), float64_gram(gf, gr), rtol=1e-12, atol=0)
 
 
 def test_gram_of_nothing_is_zero():
     empty = torch.zeros(0, device=DEVICE)
     for gf, gr in (([], []), ([empty], [None]), ([None], [empty])):
-        assert torch.equal(triton_backend.gram(gf, gr, DEVICE).cpu(), torch.zeros(3, dtype=torch.float64))
+        assert torch.equal(triton_backend.gram([gf, gr], DEVICE).cpu(), torch.zeros(3, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------- updates
@@ -126,14 +120,14 @@ def make_bucket(dtype, rule, gf, gr, seed=1, first_step=False, state_dtype=None)
             states.append(dict(step=step, exp_avg=m, exp_avg_sq=v))
         else:
             states.append(sgd_state(zeros if first_step else randn(s, sd, gen), first_step))
-    return TensorBucket(params, list(gf), list(gr), states, first_step)
+    return bucket(params, gf, gr, states, first_step)
 
 
 def assert_buckets_close(got, want, dtype, exact=False):
     tol = dict(rtol=0, atol=0) if exact else TOL[dtype]
     for a, b in zip(got.params, want.params):
         torch.testing.assert_close(a, b, **tol)
-    for sa, sb in zip(got.states, want.states):
+    for sa, sb in zip(per_param_states(got), per_param_states(want)):
         for key in sb:
             torch.testing.assert_close(sa[key], sb[key], **(tol if key != "step" else dict(rtol=0, atol=0)))
 
@@ -179,8 +173,7 @@ def test_sgd_matches_reference(dtype, momentum, dampening, nesterov, weight_deca
     gf, gr = gradients(dtype)
     want = make_bucket(dtype, "sgd", gf, gr, first_step=first_step)
     if momentum == 0:
-        for s in want.states:
-            s.clear()
+        want.states.clear()
     got = clone_bucket(want)
     lr = torch.tensor(1e-2, device=DEVICE) if first_step else 1e-2
     hp = SGDHyper(lr, momentum, dampening, nesterov, weight_decay, maximize)
@@ -224,10 +217,10 @@ def test_fp32_states_for_low_precision_params_match_reference(dtype, rule, first
     run_steps(triton_backend, got, rule, hp, COEFFICIENTS["bargained"])
     for a, b in zip(got.params, want.params):
         torch.testing.assert_close(a, b, **TOL[dtype])
-    for sa, sb in zip(got.states, want.states):
+    for sa, sb in zip(per_param_states(got), per_param_states(want)):
         for key in sb:
             assert sa[key].dtype == sb[key].dtype == torch.float32
-            # Both round d to the gradient dtype first: fp32 states agree to fp32 accuracy.
+            # Neither rounds d to the gradient dtype: fp32 states agree to fp32 accuracy.
             torch.testing.assert_close(sa[key], sb[key], **TOL[torch.float32])
 
 
@@ -261,8 +254,8 @@ def test_gapped_view_params_are_staged(rule):
             sgd_state(randn((200,), torch.float32, gen), False),
             sgd_state(randn((12, 12), torch.float32, gen).t(), False),
         ]
-    got = TensorBucket([gapped, square], gf, gr, states)
-    want = TensorBucket(
+    got = bucket([gapped, square], gf, gr, states)
+    want = bucket(
         [gapped.clone(), square.clone()],
         gf,
         gr,
@@ -280,8 +273,8 @@ def test_noncontiguous_gradient_is_paired_by_index():
     gen = torch.Generator().manual_seed(5)
     p = randn((6, 11), torch.float32, gen)
     gf, gr = randn((11, 6), torch.float32, gen).t(), randn((6, 11), torch.float32, gen)
-    want = TensorBucket([p.clone()], [gf.contiguous()], [gr], [{}], True)
-    got = TensorBucket([p.clone()], [gf], [gr], [{}], True)
+    want = bucket([p.clone()], [gf.contiguous()], [gr], [], True)
+    got = bucket([p.clone()], [gf], [gr], [], True)
     hp = SGDHyper(0.1, 0.0, 0.0, False, 0.0, False)
     run_steps(reference, want, "sgd", hp, [0.5, 0.25], steps=1)
     run_steps(triton_backend, got, "sgd", hp, [0.5, 0.25], steps=1)
@@ -357,10 +350,10 @@ def test_passes_are_custom_ops_that_compile_without_graph_breaks(rule):
     )
     gf, gr = gradients(torch.float32)
 
-    def passes(bucket):
-        gram = triton_backend.gram(bucket.forget, bucket.preserve, DEVICE)
+    def passes(b):
+        gram = triton_backend.gram(b.grads, DEVICE)
         coefficients = coefficients_for((gram[:2] / gram.sum().sqrt()).to(torch.float64), torch.float32, DEVICE)
-        getattr(triton_backend, rule)(bucket, coefficients, torch.zeros((), device=DEVICE), hp)
+        getattr(triton_backend, rule)(b, coefficients, torch.zeros((), device=DEVICE), hp)
         return gram
 
     want = make_bucket(torch.float32, rule, gf, gr)
@@ -369,3 +362,77 @@ def test_passes_are_custom_ops_that_compile_without_graph_breaks(rule):
     for _ in range(2):
         torch.testing.assert_close(compiled(got), passes(want), rtol=0, atol=0)
     assert_buckets_close(got, want, torch.float32, exact=True)
+
+
+# -------------------------------------------------------------------- K players
+def k_gradients(players, dtype, seed=0):
+    """``players`` gradients per shape at scales 1e-3..1e2; player k lacks tensor k."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for k in range(players):
+        scale = 10.0 ** (-3 + 5 * k / max(players - 1, 1))
+        grads.append([None if i == k else randn(s, dtype, gen, scale) for i, s in enumerate(SHAPES)])
+    return grads
+
+
+@pytest.mark.parametrize("players", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_k_player_gram_matches_float64_pairwise_dots(players, dtype):
+    grads = k_gradients(players, dtype)
+    got = triton_backend.gram(grads, DEVICE)
+    assert got.shape == (players * (players + 1) // 2,) and got.dtype == torch.float64
+    want = packed_float64_gram(grads)
+    diagonal = torch.tensor([want[i * players - i * (i - 1) // 2].item() for i in range(players)])
+    # each entry to 1e-12 of its Cauchy-Schwarz bound sqrt(g_i·g_i g_j·g_j)
+    bound = torch.tensor(
+        [(diagonal[i] * diagonal[j]).sqrt().item() for i in range(players) for j in range(i, players)]
+    )
+    assert ((got.cpu() - want).abs() <= 1e-12 * bound).all()
+    assert torch.equal(triton_backend.gram(grads, DEVICE), got)  # bitwise on repeat
+
+
+K_COEFFICIENTS = {3: [0.37, -2.9e-3, 1.1e-1], 4: [0.2, 3e-3, -0.05, 1e-3]}
+
+
+@pytest.mark.parametrize("players", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", ["adamw", "sgd"])
+def test_k_player_update_matches_reference(players, dtype, rule):
+    grads = k_gradients(players, dtype, seed=4)
+    two = make_bucket(dtype, rule, grads[0], grads[1], first_step=rule == "sgd")
+    want = players_bucket(two.params, grads, per_param_states(two), two.first_step)
+    got = clone_bucket(want)
+    if rule == "adamw":
+        hp = AdamWHyper(1e-2, 0.8, 0.95, 1e-7, 1e-2, False)
+    elif players == 3:  # nesterov (no dampening); 4: dampening
+        hp = SGDHyper(1e-2, 0.9, 0.0, True, 5e-4, False)
+    else:
+        hp = SGDHyper(1e-2, 0.9, 0.1, False, 5e-4, False)
+    run_steps(reference, want, rule, hp, K_COEFFICIENTS[players])
+    run_steps(triton_backend, got, rule, hp, K_COEFFICIENTS[players])
+    assert_buckets_close(got, want, dtype)
+
+
+def test_optimizer_with_three_players_matches_torch_backend():
+    def run(backend):
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(randn(s, torch.float32, gen)) for s in SHAPES]
+        opt = MUNBaOptimizer(params, lr=1e-2, players=("a", "b", "c"), bargaining_power=(1.0, 2.0, 0.5), backend=backend)
+        for step in range(3):
+            grads = k_gradients(3, torch.float32, seed=50 + step)
+            for name, player in zip(("a", "b"), grads):
+                for p, g in zip(params, player):
+                    p.grad = g
+                opt.capture(name)
+            for p, g in zip(params, grads[2]):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+        return params, opt
+
+    got, opt_t = run("triton")
+    want, opt_r = run("torch")
+    torch.testing.assert_close(opt_t.last_bargain.gram, opt_r.last_bargain.gram, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt_t.last_bargain.alpha, opt_r.last_bargain.alpha, rtol=1e-12, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
