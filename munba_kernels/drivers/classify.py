@@ -397,22 +397,25 @@ def train_subset(cfg: Config, ds: datasets.ImageData) -> Subset:
     return Subset(x.to(cfg.device), y.to(cfg.device))
 
 
-def run_seed(
-    cfg: Config, ds: datasets.ImageData, seed: int, log=print, ranks: parallel.Ranks = parallel.SINGLE_PROCESS
-) -> tuple[dict[str, dict], list]:
-    """Every method on one seed.  Under torchrun only rank 0 trains, evaluates and returns rows;
-    the other ranks take part in unlearning (the original's weights come from rank 0)."""
+@dataclass
+class SeedContext:
+    """One seed's split, original and Retrain models, and Retrain's reference metrics."""
+
+    split: Split
+    original: torch.nn.Module
+    original_seconds: float
+    retrain: torch.nn.Module
+    retrain_seconds: float
+    retrain_val: dict
+    retrain_test: dict
+    retrain_repr: dict
+    retrain_feats: torch.Tensor
+
+
+def prepare_seed(cfg: Config, ds: datasets.ImageData, seed: int, ranks=parallel.SINGLE_PROCESS) -> SeedContext:
+    """Rank 0's view of a seed: the split (hard: chosen by the original's margins) and the
+    cached original and Retrain models with Retrain's validation and test metrics."""
     in_channels = ds.image_shape[0]
-    if not ranks.lead:
-        mask = None
-        if cfg.scenario == "hard":
-            mask = parallel.broadcast_mask(None, len(_train_xy(cfg, ds)[1]), ranks)
-        split = prepare_data(cfg, ds, seed, mask)
-        original = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
-        for method in cfg.methods:
-            for point in grid_points(cfg, method):
-                unlearn_with(cfg, method, original, split, point, seed, ranks)
-        return {}, []
     full = train_subset(cfg, ds)
     # The original sees the training subset in one fixed order whatever the scenario, so the
     # cached model (whose key names no scenario) is the one every scenario would train.
@@ -425,66 +428,108 @@ def run_seed(
         mask = parallel.broadcast_mask(mask, len(mask), ranks)
     split = prepare_data(cfg, ds, seed, mask)
     retrain, retrain_s = cached_training(cfg, "retrain", split.retain, split, seed, in_channels)
-    attack = cfg.attack() if cfg.relearn else None
-
-    def relearned(model) -> dict:
-        if attack is None:
-            return {}
-        curves = robustness.relearn_all(model, split.forget, attack, seed)
-        return {"relearn": curves, **{f"relearn {k}": c["forget_acc"][-1] for k, c in curves.items()}}
-
     retrain_preds = predict_splits(retrain, split)
-    retrain_val, retrain_test = evaluate(retrain_preds, "val"), evaluate(retrain_preds, "test")
     retrain_repr, retrain_feats = representation(retrain, split)
+    return SeedContext(
+        split,
+        original,
+        orig_s,
+        retrain,
+        retrain_s,
+        evaluate(retrain_preds, "val"),
+        evaluate(retrain_preds, "test"),
+        retrain_repr,
+        retrain_feats,
+    )
+
+
+def relearn_row(cfg: Config, model, split: Split, seed: int) -> dict:
+    """The relearning attack's curves and final accuracies (empty with --no-relearn)."""
+    if not cfg.relearn:
+        return {}
+    curves = robustness.relearn_all(model, split.forget, cfg.attack(), seed)
+    return {"relearn": curves, **{f"relearn {k}": c["forget_acc"][-1] for k, c in curves.items()}}
+
+
+def run_method(
+    cfg: Config, ctx: SeedContext, method: str, seed: int, log=print, ranks=parallel.SINGLE_PROCESS
+) -> tuple[dict[str, dict], list]:
+    """Every grid point of ``method``, the point selected on validation, its test row (and for
+    NegGrad+ the equal-budget row); returns (rows, the selected run's bargain trace)."""
+    split = ctx.split
+    runs = []
+    for point in grid_points(cfg, method):
+        run = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks)
+        preds = predict_splits(run.model, split)
+        gap_val = avg_gap(evaluate(preds, "val"), ctx.retrain_val)
+        shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
+        log(f"  seed {seed} {method:8s} {shown} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
+        runs.append((gap_val, point, run, preds))
+    selections = {method: runs}
+    if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
+        selections[EQUAL_BUDGET_ROW] = [r for r in runs if r[1]["beta"] == NEGGRAD_BETA]
+    rows, trace = {}, []
+    for name, candidates in selections.items():
+        _, point, run, preds = min(candidates, key=lambda r: r[0])  # ties: the first point
+        metrics = evaluate(preds, "test")
+        rows[name] = {
+            **metrics,
+            **representation(run.model, split, ctx.retrain_feats)[0],
+            "avg_gap": avg_gap(metrics, ctx.retrain_test),
+            "val_gap": min(c[0] for c in candidates),
+            "seconds": run.seconds,
+            **point,
+            "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
+            "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
+            "plan_digest": run.plan_digest,
+            **relearn_row(cfg, run.model, split, seed),
+        }
+        if name == method:
+            trace = run.bargain_log
+    return rows, trace
+
+
+def run_seed(
+    cfg: Config, ds: datasets.ImageData, seed: int, log=print, ranks: parallel.Ranks = parallel.SINGLE_PROCESS
+) -> tuple[dict[str, dict], list]:
+    """Every method on one seed.  Under torchrun only rank 0 trains, evaluates and returns rows;
+    the other ranks take part in unlearning (the original's weights come from rank 0)."""
+    if not ranks.lead:
+        mask = None
+        if cfg.scenario == "hard":
+            mask = parallel.broadcast_mask(None, len(_train_xy(cfg, ds)[1]), ranks)
+        split = prepare_data(cfg, ds, seed, mask)
+        original = build_model(cfg.model, ds.image_shape[0], split.num_classes).to(cfg.device)
+        for method in cfg.methods:
+            for point in grid_points(cfg, method):
+                unlearn_with(cfg, method, original, split, point, seed, ranks)
+        return {}, []
+    ctx = prepare_seed(cfg, ds, seed, ranks)
+    split = ctx.split
     rows = {
         "Retrain": {
-            **retrain_test,
-            **retrain_repr,
+            **ctx.retrain_test,
+            **ctx.retrain_repr,
             "avg_gap": 0.0,
             "cka_to_retrain": 1.0,
-            "seconds": retrain_s,
-            **relearned(retrain),
+            "seconds": ctx.retrain_seconds,
+            **relearn_row(cfg, ctx.retrain, split, seed),
         }
     }
-    orig_test = evaluate(predict_splits(original, split), "test")
+    orig_test = evaluate(predict_splits(ctx.original, split), "test")
     rows["Original"] = {
         **orig_test,
-        **representation(original, split, retrain_feats)[0],
-        "avg_gap": avg_gap(orig_test, retrain_test),
-        "seconds": orig_s,
-        **relearned(original),
+        **representation(ctx.original, split, ctx.retrain_feats)[0],
+        "avg_gap": avg_gap(orig_test, ctx.retrain_test),
+        "seconds": ctx.original_seconds,
+        **relearn_row(cfg, ctx.original, split, seed),
     }
     trace = []
     for method in cfg.methods:
-        points = grid_points(cfg, method)
-        runs = []
-        for point in points:
-            run = unlearn_with(cfg, method, original, split, point, seed, ranks)
-            preds = predict_splits(run.model, split)
-            gap_val = avg_gap(evaluate(preds, "val"), retrain_val)
-            shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
-            log(f"  seed {seed} {method:8s} {shown} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
-            runs.append((gap_val, point, run, preds))
-        selections = {method: runs}
-        if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
-            selections[EQUAL_BUDGET_ROW] = [r for r in runs if r[1]["beta"] == NEGGRAD_BETA]
-        for name, candidates in selections.items():
-            _, point, run, preds = min(candidates, key=lambda r: r[0])  # ties: the first point
-            metrics = evaluate(preds, "test")
-            clip = run.settings["max_grad_norm"]
-            rows[name] = {
-                **metrics,
-                **representation(run.model, split, retrain_feats)[0],
-                "avg_gap": avg_gap(metrics, retrain_test),
-                "seconds": run.seconds,
-                **point,
-                "clipped_steps": _clipped_share(run.step_norms, clip),
-                "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
-                "plan_digest": run.plan_digest,
-                **relearned(run.model),
-            }
+        method_rows, method_trace = run_method(cfg, ctx, method, seed, log, ranks)
+        rows.update(method_rows)
         if method == "MUNBa":
-            trace = runs and min(runs, key=lambda r: r[0])[2].bargain_log
+            trace = method_trace
     return rows, trace
 
 

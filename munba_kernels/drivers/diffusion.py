@@ -11,8 +11,19 @@ class from every model with the same initial noise; let the judge label them.  R
 model: forget_recognition (% of forget-class generations the judge calls that class; UA =
 100 − it), retain_accuracy (mean judge accuracy over the retained classes' generations) and
 feature_distance (KID on judge features: retain generations vs real retain test images).
-Writes results.json, results.md, samples.png (rows = classes, one panel per model) and
-munba_bargain.png to --out.  Losses and methods: munba_kernels/drivers/ddpm.py.
+Writes results.json, results.md, samples.png (rows = classes, one panel per model),
+relearn.png and munba_bargain.png to --out.  Losses and methods: munba_kernels/drivers/ddpm.py.
+
+Fairness: MUNBa and Naive (and ESD) are built from one recipe (ddpm.DiffusionRecipe: AdamW,
+--unlearn-lr, --unlearn-steps, weight decay 0, --max-grad-norm, off by default) and see the
+same batches, noise and timesteps; results.json records each method's settings, read back
+from its optimizer.  --power sets MUNBa's w_f/w_r; --power-schedule forget-loss lets it
+follow the forget loss (an option, not the default; see ddpm.scheduled_power_ratio).
+
+Relearning attack (--no-relearn to skip): every unlearned model, the original and a Retrain
+DDPM (pre-trained the same way without the forget class, cached) are fine-tuned on
+--relearn-images forget-class images for --relearn-steps AdamW steps; forget recognition
+of the forget class's generations is tracked along the way (results.json "relearn").
 
 Stable Diffusion (GPU users): --pretrained DIR (a local StableDiffusionPipeline folder)
 --forget-prompt "..." --anchor-prompt "..." fine-tunes the UNet with MUNBa to erase the
@@ -29,9 +40,14 @@ from pathlib import Path
 
 import torch
 
-from munba_kernels.evaluation import generation_scores, kernel_inception_distance, penultimate_features
+from munba_kernels.evaluation import (
+    accuracy,
+    generation_scores,
+    kernel_inception_distance,
+    penultimate_features,
+)
 from munba_kernels.evaluation.generation import save_sample_grid
-from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace
+from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_relearn
 
 from . import data as datasets
 from . import ddpm
@@ -68,6 +84,15 @@ class Config:
     unlearn_batch_size: int = 32
     unlearn_lr: float = 5e-5
     esd_eta: float = 1.0
+    max_grad_norm: float | None = None
+    power: float = 1.0
+    power_schedule: str = "constant"
+    power_threshold: float = 0.1
+    relearn: bool = True
+    relearn_images: int = 16
+    relearn_steps: int = 100
+    relearn_every: int = 25
+    relearn_lr: float = 1e-4
     sample_steps: int = 25
     guidance: float = 2.0
     samples_per_class: int = 100
@@ -87,6 +112,26 @@ class Config:
     sd_lr: float = 1e-5
     sd_images: int = 4
     sd_inference_steps: int = 25
+
+    def unlearning_recipe(self) -> ddpm.DiffusionRecipe:
+        """The recipe every method is built from (MUNBa, Naive and ESD alike)."""
+        return ddpm.DiffusionRecipe(
+            lr=self.unlearn_lr,
+            steps=self.unlearn_steps,
+            max_grad_norm=self.max_grad_norm,
+            power_ratio=self.power,
+            power_schedule=self.power_schedule,
+            power_threshold=self.power_threshold,
+        )
+
+
+def _clip_norm(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
+    return value
 
 
 def _positive(name: str):
@@ -130,6 +175,22 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--unlearn-lr", type=_positive("--unlearn-lr"), default=d.unlearn_lr, help="AdamW, every method"
     )
     p.add_argument("--esd-eta", type=float, default=d.esd_eta, help="ESD negative-guidance strength")
+    p.add_argument(
+        "--max-grad-norm", type=_clip_norm, default=d.max_grad_norm, help="clip of every method (default: none)"
+    )
+    p.add_argument("--power", type=float, default=d.power, help="MUNBa's bargaining power w_f/w_r")
+    p.add_argument(
+        "--power-schedule",
+        choices=ddpm.POWER_SCHEDULES,
+        default=d.power_schedule,
+        help="forget-loss: w_f/w_r shrinks once the forget loss is below --power-threshold × its first value",
+    )
+    p.add_argument("--power-threshold", type=float, default=d.power_threshold)
+    p.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
+    p.add_argument("--relearn-images", type=_positive("--relearn-images"), default=d.relearn_images)
+    p.add_argument("--relearn-steps", type=_positive("--relearn-steps"), default=d.relearn_steps)
+    p.add_argument("--relearn-every", type=_positive("--relearn-every"), default=d.relearn_every)
+    p.add_argument("--relearn-lr", type=_positive("--relearn-lr"), default=d.relearn_lr)
     p.add_argument(
         "--sample-steps", type=_positive("--sample-steps"), default=d.sample_steps, help="DDIM steps"
     )
@@ -192,6 +253,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
         unlearn_steps=a.unlearn_steps,
         unlearn_lr=a.unlearn_lr,
         esd_eta=a.esd_eta,
+        max_grad_norm=a.max_grad_norm,
+        power=a.power,
+        power_schedule=a.power_schedule,
+        power_threshold=a.power_threshold,
+        relearn=not a.no_relearn,
+        relearn_images=a.relearn_images,
+        relearn_steps=a.relearn_steps,
+        relearn_every=a.relearn_every,
+        relearn_lr=a.relearn_lr,
         sample_steps=a.sample_steps,
         guidance=a.guidance,
         samples_per_class=a.samples_per_class,
@@ -211,11 +281,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
         sd_images=a.sd_images,
         sd_inference_steps=a.sd_inference_steps,
     )
+    try:  # the recipe validates its own values
+        cfg.unlearning_recipe()
+    except ValueError as e:
+        p.error(str(e))
     if cfg.quick:
         cfg.ddpm_steps, cfg.unlearn_steps = min(cfg.ddpm_steps, 200), min(cfg.unlearn_steps, 20)
         cfg.judge_epochs, cfg.judge_train_size = 2, min(cfg.judge_train_size, 2000)
         cfg.samples_per_class, cfg.sample_steps = min(cfg.samples_per_class, 8), min(cfg.sample_steps, 10)
         cfg.channels = [16, 32]
+        cfg.relearn_steps, cfg.relearn_every = min(cfg.relearn_steps, 4), min(cfg.relearn_every, 2)
     return cfg
 
 
@@ -270,7 +345,9 @@ def judge_classifier(cfg: Config, train: Subset, in_channels: int, num_classes: 
     )
 
 
-def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: int):
+def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: int, kind: str = "ddpm"):
+    """The original DDPM (``kind="ddpm"``) or Retrain (``"ddpm-retrain"``: ``train`` holds no
+    forget-class image), pre-trained identically and cached."""
     key = {
         "image_size": cfg.image_size,
         "channels": cfg.channels,
@@ -280,10 +357,11 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
         "class_dropout": cfg.class_dropout,
         "ema_decay": cfg.ema_decay,
         "n": len(train),
+        **({"forget_class": cfg.forget_class} if kind != "ddpm" else {}),
     }
     return _cached(
         cfg,
-        "ddpm",
+        kind,
         key,
         lambda: ddpm.build_unet(cfg.image_size, in_channels, num_classes, cfg.channels),
         lambda m: ddpm.train_ddpm(
@@ -367,6 +445,8 @@ def run(cfg: Config) -> dict:
     rows, panels, trace, losses = {}, {}, [], {}
     rows["Original"], panels["Original"] = evaluate_generator(cfg, original, judge, k, real_feats, "Original")
     rows["Original"]["seconds"] = ddpm_s
+    models = {"Original": original}
+    recipe = cfg.unlearning_recipe()
     for method in cfg.methods:
         result = ddpm.unlearn_class(
             method,
@@ -375,22 +455,63 @@ def run(cfg: Config) -> dict:
             retain,
             num_classes=k,
             anchor_class=cfg.anchor_class,
-            steps=cfg.unlearn_steps,
             batch_size=cfg.unlearn_batch_size,
-            lr=cfg.unlearn_lr,
             class_dropout=cfg.class_dropout,
+            recipe=recipe,
             esd_eta=cfg.esd_eta,
             seed=cfg.seed,
             progress=cfg.progress,
         )
         rows[method], panels[method] = evaluate_generator(cfg, result.model, judge, k, real_feats, method)
         rows[method]["seconds"] = result.seconds
+        rows[method]["settings"] = result.settings
+        clip = result.settings["max_grad_norm"]
+        rows[method]["clipped_steps"] = (
+            0.0 if clip is None else 100.0 * sum(r > clip for r, _ in result.step_norms) / len(result.step_norms)
+        )
+        if result.power_ratios:
+            rows[method]["final_power_ratio"] = result.power_ratios[-1]
         losses[method] = result.losses
+        models[method] = result.model
         if method == "MUNBa":
             trace = result.bargain_log
+    relearn = {}
+    if cfg.relearn:
+        models["Retrain"], retrain_s = pretrained_ddpm(cfg, retain, in_channels, k, kind="ddpm-retrain")
+        print(f"Retrain DDPM ready ({retrain_s:.0f}s training)")
+        images = Subset(forget.x[: cfg.relearn_images], forget.y[: cfg.relearn_images])
+        for name, model in models.items():
+            relearn[name] = relearn_generator(cfg, model, judge, images, k)
+            print(f"  relearn {name:8s} forget recognition {relearn[name]['forget_recognition']}")
     config = asdict(cfg)
     config.update(judge_test_accuracy=sum(judge_acc.values()) / k, judge_seconds=judge_s, ddpm_seconds=ddpm_s)
-    return {"config": config, "methods": rows, "losses": losses}, panels, trace
+    return {"config": config, "methods": rows, "losses": losses, "relearn": relearn}, panels, trace
+
+
+def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: int) -> dict:
+    """Forget recognition of the forget class's generations along the relearning attack."""
+    labels = torch.full((cfg.samples_per_class,), cfg.forget_class, device=cfg.device)
+    steps, recognition = [], []
+    for step, relearned in ddpm.relearn_checkpoints(
+        model,
+        images,
+        steps=cfg.relearn_steps,
+        every=cfg.relearn_every,
+        lr=cfg.relearn_lr,
+        batch_size=min(cfg.unlearn_batch_size, len(images)),
+        seed=cfg.seed + 777,  # the same stream for every model
+    ):
+        samples = ddpm.sample(
+            relearned,
+            labels,
+            null_class=num_classes,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            seed=cfg.seed + 4242,
+        )
+        steps.append(step)
+        recognition.append(accuracy(predict(judge, samples.to(cfg.device)), labels.cpu()))
+    return {"images": len(images), "steps": steps, "forget_recognition": recognition}
 
 
 def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_names) -> str:
@@ -414,6 +535,17 @@ def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_na
     save_sample_grid(shown, out / "samples.png", [f"{i} {n}" for i, n in enumerate(class_names)], title)
     if trace:
         plot_bargain_trace(trace, out / "munba_bargain.png", "MUNBa bargaining weights and cos φ")
+    if results.get("relearn"):
+        curves = {
+            name: {f"{c['images']} forget images": {"steps": c["steps"], "forget_acc": c["forget_recognition"]}}
+            for name, c in results["relearn"].items()
+        }
+        plot_relearn(
+            curves,
+            out / "relearn.png",
+            f"relearning attack: {title}",
+            ylabel="forget-class generations recognised (%)",
+        )
     return table
 
 

@@ -97,7 +97,12 @@ def plot_bargain_trace(log: Sequence[Sequence[float]], path: str | Path, title: 
     plt.close(fig)
 
 
-def plot_relearn(relearn: dict[str, dict], path: str | Path, title: str = "") -> None:
+def plot_relearn(
+    relearn: dict[str, dict],
+    path: str | Path,
+    title: str = "",
+    ylabel: str = "accuracy on the rest of the forget set (%)",
+) -> None:
     """Forget accuracy recovered by the relearning attack: one panel per slice size, one
     line per model (mean over seeds, ± std band); Retrain, the reference, in black."""
     plt = _pyplot()
@@ -113,9 +118,9 @@ def plot_relearn(relearn: dict[str, dict], path: str | Path, title: str = "") ->
                 c["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                 color=line.get_color(), alpha=0.12,
             )  # fmt: skip
-        ax.set_title(f"relearning on {frac} of the forget set")
+        ax.set_title(f"relearning on {frac}" + (" of the forget set" if frac.endswith("%") else ""))
         ax.set_xlabel("fine-tuning steps")
-        ax.set_ylabel("accuracy on the rest of the forget set (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize="small")
     if title:
