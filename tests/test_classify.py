@@ -311,3 +311,24 @@ def test_the_paper_recipe_is_munba_paper_faithful_and_power_is_normalised():
     assert unlearning.Recipe(power_ratio=3.0).bargaining_power == pytest.approx((1.5, 0.5))
     with pytest.raises(ValueError, match="max_grad_norm"):
         unlearning.Recipe(max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("method", ["MUNBa", "Naive", "RL"])
+def test_a_snapshot_at_epoch_k_is_exactly_a_k_epoch_run(method, digits_split, original):
+    """What lets the study read budgets 2/5/10 off one run: same batches, labels and steps."""
+
+    def run(epochs, snapshots=()):
+        return unlearning.unlearn(method, copy.deepcopy(original), digits_split.forget, digits_split.retain,
+                                  num_classes=10, lr=0.01, batch_size=64, seed=3, snapshots=snapshots,
+                                  recipe=unlearning.Recipe(epochs=epochs), progress=False)  # fmt: skip
+
+    short, long = run(1), run(2, snapshots=(1,))
+    snap = long.snapshots[1]
+    for (name, a), b in zip(short.model.state_dict().items(), snap.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert snap.settings == short.settings and snap.plan_digest == short.plan_digest
+    assert snap.step_norms == short.step_norms and snap.bargain_log == short.bargain_log
+    assert long.settings["epochs"] == 2 and long.settings["steps"] == 2 * short.settings["steps"]
+    assert not torch.equal(long.model.fc.weight, snap.model.fc.weight)  # training went on
+    with pytest.raises(ValueError, match="snapshots"):
+        run(2, snapshots=(2,))

@@ -39,17 +39,19 @@ def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch):
     argv = ["--driver", "classify", "--quick", "--out", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]
     report = study.main(argv)
     records = [json.loads(line) for line in (tmp_path / "s" / "records.jsonl").read_text().splitlines()]
-    # random: paper (5 rows) + power 2 (2 rows), 2 seeds; hard: paper, 2 seeds; confirm seed 2 on hard
-    assert len(records) == 2 * 7 + 2 * 5 + (5 if report["candidate"]["cell"] == "paper" else 7)
+    # random: paper and 2 epochs (5 rows each) + power 2 (2 rows), 2 seeds; hard: paper, 2 seeds;
+    # the candidate on hard, seed 2 (a power cell also needs its equal-power baselines)
+    assert len(records) == 2 * 12 + 2 * 5 + (7 if report["candidate"]["cell"] == "power 2" else 5)
     assert len({r["key"] for r in records}) == len(records)
     for r in records:
-        assert r["settings"]["epochs"] == 1 and r["settings"]["max_grad_norm"] == 1.0
+        assert r["settings"]["epochs"] == r["epochs"] in (1, 2) and r["settings"]["max_grad_norm"] == 1.0
+        assert r["settings"]["steps"] == r["epochs"] * records[0]["settings"]["steps"] // records[0]["epochs"]
     # The summary's comparison is the per-seed difference of the recorded test gaps.
-    by = {(r["scenario"], r["seed"], r["row"], r["power"]): r["avg_gap"] for r in records}
-    pair = report["summary"]["random"]["paper"]["pairs"]["MUNBa vs Naive"]
-    assert pair["diff"] == pytest.approx([by[("random", s, "MUNBa", 1.0)] - by[("random", s, "Naive", 1.0)] for s in (0, 1)])
-    power = report["summary"]["random"]["power 2"]["pairs"]["MUNBa vs Naive"]
-    assert power["diff"] == pytest.approx([by[("random", s, "MUNBa", 2.0)] - by[("random", s, "Naive", 1.0)] for s in (0, 1)])
+    by = {(r["scenario"], r["seed"], r["row"], r["epochs"], r["power"]): r["avg_gap"] for r in records}
+    for cell, epochs, power in (("paper", 1, 1.0), ("2 epochs", 2, 1.0), ("power 2", 1, 2.0)):
+        pair = report["summary"]["random"][cell]["pairs"]["MUNBa vs Naive"]
+        expected = [by[("random", s, "MUNBa", epochs, power)] - by[("random", s, "Naive", epochs, 1.0)] for s in (0, 1)]
+        assert pair["diff"] == pytest.approx(expected), cell
     assert set(report["summary"]["hard"]) == {"paper"}
     assert report["confirmation"]["complete"] and set(report["confirmation"]["scenarios"]) == {"hard"}
     md = (tmp_path / "s" / "study.md").read_text()

@@ -452,41 +452,52 @@ def relearn_row(cfg: Config, model, split: Split, seed: int) -> dict:
 
 
 def run_method(
-    cfg: Config, ctx: SeedContext, method: str, seed: int, log=print, ranks=parallel.SINGLE_PROCESS
-) -> tuple[dict[str, dict], list]:
+    cfg: Config,
+    ctx: SeedContext,
+    method: str,
+    seed: int,
+    log=print,
+    ranks=parallel.SINGLE_PROCESS,
+    snapshots: tuple[int, ...] = (),
+) -> tuple[dict[int, dict[str, dict]], list]:
     """Every grid point of ``method``, the point selected on validation, its test row (and for
-    NegGrad+ the equal-budget row); returns (rows, the selected run's bargain trace)."""
+    NegGrad+ the equal-budget row), for ``cfg.epochs`` and each epoch in ``snapshots`` (read
+    off the same runs: see ``unlearn``).  Returns ({epochs: rows}, the selected final run's
+    bargain trace)."""
     split = ctx.split
-    runs = []
+    runs: dict[int, list] = {e: [] for e in (*snapshots, cfg.epochs)}
     for point in grid_points(cfg, method):
-        run = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks)
-        preds = predict_splits(run.model, split)
-        gap_val = avg_gap(evaluate(preds, "val"), ctx.retrain_val)
-        shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
-        log(f"  seed {seed} {method:8s} {shown} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
-        runs.append((gap_val, point, run, preds))
-    selections = {method: runs}
-    if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
-        selections[EQUAL_BUDGET_ROW] = [r for r in runs if r[1]["beta"] == NEGGRAD_BETA]
-    rows, trace = {}, []
-    for name, candidates in selections.items():
-        _, point, run, preds = min(candidates, key=lambda r: r[0])  # ties: the first point
-        metrics = evaluate(preds, "test")
-        rows[name] = {
-            **metrics,
-            **representation(run.model, split, ctx.retrain_feats)[0],
-            "avg_gap": avg_gap(metrics, ctx.retrain_test),
-            "val_gap": min(c[0] for c in candidates),
-            "seconds": run.seconds,
-            **point,
-            "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
-            "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
-            "plan_digest": run.plan_digest,
-            **relearn_row(cfg, run.model, split, seed),
-        }
-        if name == method:
-            trace = run.bargain_log
-    return rows, trace
+        final = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks, snapshots)
+        for epochs, run in [*final.snapshots.items(), (cfg.epochs, final)]:
+            preds = predict_splits(run.model, split)
+            gap_val = avg_gap(evaluate(preds, "val"), ctx.retrain_val)
+            shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
+            log(f"  seed {seed} {method:8s} {shown} epochs {epochs:<3d} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
+            runs[epochs].append((gap_val, point, run, preds))
+    by_epochs, trace = {}, []
+    for epochs, candidates_all in runs.items():
+        selections = {method: candidates_all}
+        if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
+            selections[EQUAL_BUDGET_ROW] = [r for r in candidates_all if r[1]["beta"] == NEGGRAD_BETA]
+        rows = by_epochs[epochs] = {}
+        for name, candidates in selections.items():
+            _, point, run, preds = min(candidates, key=lambda r: r[0])  # ties: the first point
+            metrics = evaluate(preds, "test")
+            rows[name] = {
+                **metrics,
+                **representation(run.model, split, ctx.retrain_feats)[0],
+                "avg_gap": avg_gap(metrics, ctx.retrain_test),
+                "val_gap": min(c[0] for c in candidates),
+                "seconds": run.seconds,
+                **point,
+                "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
+                "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
+                "plan_digest": run.plan_digest,
+                **relearn_row(cfg, run.model, split, seed),
+            }
+            if name == method and epochs == cfg.epochs:
+                trace = run.bargain_log
+    return by_epochs, trace
 
 
 def run_seed(
@@ -526,8 +537,8 @@ def run_seed(
     }
     trace = []
     for method in cfg.methods:
-        method_rows, method_trace = run_method(cfg, ctx, method, seed, log, ranks)
-        rows.update(method_rows)
+        by_epochs, method_trace = run_method(cfg, ctx, method, seed, log, ranks)
+        rows.update(by_epochs[cfg.epochs])
         if method == "MUNBa":
             trace = method_trace
     return rows, trace
@@ -549,7 +560,7 @@ def grid_points(cfg: Config, method: str) -> list[dict]:
     return [{"lr": lr} if b is None else {"lr": lr, "beta": b} for lr in lrs for b in betas]
 
 
-def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, seed: int, ranks):
+def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, seed: int, ranks, snapshots=()):
     return unlearn(
         method,
         copy.deepcopy(original),
@@ -559,6 +570,7 @@ def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, 
         batch_size=cfg.batch_size,
         seed=seed,
         recipe=cfg.unlearning_recipe(),
+        snapshots=tuple(snapshots),
         progress=cfg.progress and ranks.lead,
         ranks=ranks,
         **point,

@@ -80,7 +80,6 @@ class Cell:
 
 
 PAPER = Cell("paper", "paper")
-# Ordered by priority: a study stopped early has its most informative cells complete.
 CELLS = (
     PAPER,
     Cell("no clip", "clip", clip=None),
@@ -94,7 +93,7 @@ CELLS = (
 
 @dataclass
 class Plan:
-    scenarios: tuple[str, ...] = ("random", "class", "hard")
+    scenarios: tuple[str, ...] = ("random", "hard", "class")  # in the order they run
     sweep_scenarios: tuple[str, ...] = ("random", "class")  # the others get the paper cell only
     selection_scenario: str = "random"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -145,23 +144,35 @@ class Records:
 _KEPT = ("UA", "RA", "TA", "MIA", "avg_gap", "val_gap", "lr", "beta", "seconds", "clipped_steps", "settings")
 
 
-def run_classify_cell(plan: Plan, records: Records, scenario: str, seed: int, cell: Cell, contexts, ds, log):
-    """Run whatever this (scenario, seed, cell) still lacks; rows land in ``records``."""
-    cfg = cell_config(plan.base, scenario, cell)
-    for method in cell.methods():
-        rows = [method, classify.EQUAL_BUDGET_ROW] if method == "NegGrad+" else [method]
-        if all(records.get(scenario, seed, r, cell) for r in rows):
-            continue
-        key = (scenario, seed)
-        if key not in contexts:
-            contexts[key] = classify.prepare_seed(replace(cfg), ds, seed)
-        start = time.perf_counter()
-        out, _ = classify.run_method(cfg, contexts[key], method, seed, log=lambda *_: None)
-        for row in rows:
-            if row in out:
-                records.add(scenario, seed, row, cell, {k: out[row].get(k) for k in _KEPT})
-        log(f"{scenario:6s} seed {seed} {cell.name:9s} {method:8s} test gap {out[method]['avg_gap']:5.2f} "
-            f"(val {out[method]['val_gap']:5.2f}, lr {out[method]['lr']:g}) {time.perf_counter() - start:5.0f}s")  # fmt: skip
+def run_classify_cells(plan: Plan, records: Records, scenario: str, seed: int, cells, contexts, ds, log):
+    """Run whatever these cells still lack for (scenario, seed); rows land in ``records``.
+
+    Cells that differ only in their budget share one run per grid point: the longest, with
+    snapshots at the shorter budgets (``unlearn(snapshots=...)``: exactly the shorter runs)."""
+    families: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        families.setdefault((cell.clip, cell.power), []).append(cell)
+    for family in families.values():
+        for method in dict.fromkeys(m for c in family for m in c.methods()):
+            rows = [method, classify.EQUAL_BUDGET_ROW] if method == "NegGrad+" else [method]
+            missing = [c for c in family if method in c.methods() and not all(records.get(scenario, seed, r, c) for r in rows)]
+            if not missing:
+                continue
+            budgets = sorted({c.epochs for c in missing})
+            cfg = cell_config(plan.base, scenario, replace(missing[0], epochs=budgets[-1]))
+            if (scenario, seed) not in contexts:
+                contexts[(scenario, seed)] = classify.prepare_seed(cfg, ds, seed)
+            start = time.perf_counter()
+            by_epochs, _ = classify.run_method(cfg, contexts[(scenario, seed)], method, seed, log=lambda *_: None,
+                                               snapshots=tuple(budgets[:-1]))  # fmt: skip
+            for cell in missing:
+                out = by_epochs[cell.epochs]
+                for row in rows:
+                    if row in out:
+                        records.add(scenario, seed, row, cell, {k: out[row].get(k) for k in _KEPT})
+                log(f"{scenario:6s} seed {seed} {cell.name:10s} {method:8s} test gap {out[method]['avg_gap']:5.2f} "
+                    f"(val {out[method]['val_gap']:5.2f}, lr {out[method]['lr']:g})")  # fmt: skip
+            log(f"    ({time.perf_counter() - start:.0f}s for {method} up to {budgets[-1]} epochs)")
 
 
 def cell_config(base: classify.Config, scenario: str, cell: Cell) -> classify.Config:
@@ -349,11 +360,10 @@ def study_classify(plan: Plan, out: Path, command: str, log=print) -> dict:
         plan.base.model = "resnet18" if ds.image_shape[1] >= 32 else "narrow_resnet"
     contexts: dict = {}
     start = time.perf_counter()
-    for cell in plan.cells:
-        for scenario in plan.scenarios:
-            if cell in plan.cells_for(scenario):
-                for seed in plan.seeds:
-                    run_classify_cell(plan, records, scenario, seed, cell, contexts, ds, log)
+    for scenario in plan.scenarios:
+        for seed in plan.seeds:
+            run_classify_cells(plan, records, scenario, seed, plan.cells_for(scenario), contexts, ds, log)
+            contexts.pop((scenario, seed), None)
     cand = candidate(plan, records)
     confirmation = None
     if cand is not None and plan.confirm_seeds:
@@ -361,8 +371,8 @@ def study_classify(plan: Plan, out: Path, command: str, log=print) -> dict:
         for scenario in plan.scenarios:
             if scenario != plan.selection_scenario:
                 for seed in plan.confirm_seeds:
-                    for c in dict.fromkeys((cell, cell.baseline_cell())):
-                        run_classify_cell(plan, records, scenario, seed, c, contexts, ds, log)
+                    cells = tuple(dict.fromkeys((cell, cell.baseline_cell())))
+                    run_classify_cells(plan, records, scenario, seed, cells, contexts, ds, log)
                     contexts.pop((scenario, seed), None)
         confirmation = confirm(plan, records, row, cell)
     summary = summarise(plan, records)
@@ -396,7 +406,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for the sweep")
     p.add_argument("--confirm-seeds", type=int, default=3, help="held-out seeds N..N+M-1 for the recipe check")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--quick", action="store_true", help="seconds: digits, tiny budgets, two cells, two seeds")
+    p.add_argument("--quick", action="store_true", help="seconds: digits, tiny budgets, three cells, two seeds")
     return p.parse_args(argv)
 
 
@@ -418,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
         base.dataset, base.train_size, base.test_size, base.pretrain_epochs = "digits", 600, 300, 3
         base.lr_grid, base.neggrad_betas = [0.01], [0.5, classify.NEGGRAD_BETA]
         plan.scenarios, plan.sweep_scenarios = ("random", "hard"), ("random",)
-        plan.cells = (replace(PAPER, epochs=1), Cell("power 2", "power", epochs=1, power=2.0))
+        plan.cells = (replace(PAPER, epochs=1), Cell("2 epochs", "budget", epochs=2),
+                      Cell("power 2", "power", epochs=1, power=2.0))  # fmt: skip
         plan.seeds, plan.confirm_seeds = (0, 1), (2,)
     return study_classify(plan, out, command)
 

@@ -31,6 +31,7 @@ the gold standard, not a method here.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -160,6 +161,8 @@ class UnlearningRun:
     step_norms: list[tuple[float, float]] = field(default_factory=list)
     #: fingerprint of the batch plan (indices of every retain and forget batch, in order)
     plan_digest: str = ""
+    #: the run as it stood after each requested epoch (``unlearn(snapshots=...)``), by epoch
+    snapshots: dict[int, UnlearningRun] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, device, world: int = 1) -> Iterator[Tensor]:
@@ -238,12 +241,17 @@ def unlearn(
     seed: int,
     recipe: Recipe = PAPER,
     beta: float = NEGGRAD_BETA,
+    snapshots: tuple[int, ...] = (),
     progress: bool = True,
     ranks: parallel.Ranks = parallel.SINGLE_PROCESS,
 ) -> UnlearningRun:
     """Run ``method`` in place on ``model`` (a copy of the original); returns it with timing.
 
     ``recipe`` builds the optimizer and sets the budget; ``beta`` is NegGrad+'s retain weight.
+    ``snapshots`` (epochs below ``recipe.epochs``) also returns the run as it stood after
+    those epochs: with a constant learning rate, the batches of the first k epochs and the
+    random labels of their steps (a generator of their own) do not depend on the budget, so
+    a snapshot at epoch k is exactly a k-epoch run (tested), at a fraction of the cost.
     Under torchrun (``ranks``), every rank draws the same batches and trains on its slice
     of each; the trained weights are complete on every rank afterwards.
     """
@@ -251,7 +259,10 @@ def unlearn(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 0 < beta < 1:
         raise ValueError(f"NegGrad+ beta must lie in (0, 1), got {beta!r}")
+    if any(not 1 <= e < recipe.epochs for e in snapshots) or (snapshots and ranks.world > 1):
+        raise ValueError(f"snapshots must be epochs in 1..{recipe.epochs - 1} of a single-process run, got {snapshots}")
     gen = torch.Generator().manual_seed(seed)
+    label_gen = torch.Generator().manual_seed(seed + 1)  # random labels: independent of the budget
     device, world, epochs = retain.x.device, ranks.world, recipe.epochs
     plain, model = model, parallel.wrap(model, ranks)
     opt = recipe.optimizer(method, model.parameters(), lr)
@@ -276,20 +287,27 @@ def unlearn(
             _paired_batches(len(retain), len(forget), batch_size, epochs, gen, device, method != "FT", world)
         )
 
+    per_epoch = len(plan) // epochs  # every epoch has the same number of steps
+    kept: dict[int, tuple[nn.Module, float]] = {}
     model.train()
     start = time.perf_counter()
-    for r_idx, f_idx in tqdm(
-        plan, desc=f"{method} lr={lr:g}", unit="step", disable=not progress, leave=False
+    for step, (r_idx, f_idx) in enumerate(
+        tqdm(plan, desc=f"{method} lr={lr:g}", unit="step", disable=not progress, leave=False)
     ):
+        if step and step % per_epoch == 0 and step // per_epoch in snapshots:
+            kept[step // per_epoch] = (copy.deepcopy(plain).eval(), time.perf_counter() - start)
+            model.train()
         if method == "RL":
             is_forget = r_idx < len(forget)
-            labels = torch.where(is_forget, random_labels(union.y[r_idx], num_classes, gen), union.y[r_idx])
+            labels = torch.where(
+                is_forget, random_labels(union.y[r_idx], num_classes, label_gen), union.y[r_idx]
+            )
             fb, rb = None, ranks.local(Subset(union.x[r_idx], labels))
         else:
             fb = None if f_idx is None else Subset(forget.x[f_idx], forget.y[f_idx])
             rb = None if r_idx is None else Subset(retain.x[r_idx], retain.y[r_idx])
             if fb is not None and FORGET_LOSS[method] == "random_labels":
-                fb = Subset(fb.x, random_labels(fb.y, num_classes, gen))
+                fb = Subset(fb.x, random_labels(fb.y, num_classes, label_gen))
             fb, rb = ranks.local(fb), ranks.local(rb)
         opt.zero_grad(set_to_none=True)
         if method.startswith("MUNBa"):
@@ -308,22 +326,25 @@ def unlearn(
             opt.step()
     seconds = time.perf_counter() - start
     bargain_log = [tuple(row) for row in torch.stack(log).tolist()] if log else []
-    settings = {
-        **optimizer_settings(opt, clip),
-        "epochs": epochs,
-        "steps": len(plan),
-        "forget_loss": FORGET_LOSS[method],
-    }
+    step_norms = [tuple(row) for row in torch.stack([n.cpu() for n in norms]).tolist()] if norms else []
+    settings = {**optimizer_settings(opt, clip), "forget_loss": FORGET_LOSS[method]}
     if method == "NegGrad+":
         settings["beta"] = beta
-    return UnlearningRun(
-        parallel.unwrap(model, plain, ranks).eval(),
-        seconds,
-        bargain_log,
-        settings,
-        [tuple(row) for row in torch.stack([n.cpu() for n in norms]).tolist()] if norms else [],
-        _digest(plan),
-    )
+
+    def upto(epoch: int, trained: nn.Module, secs: float) -> UnlearningRun:
+        k = epoch * per_epoch
+        return UnlearningRun(
+            trained,
+            secs,
+            bargain_log[:k],
+            {**settings, "epochs": epoch, "steps": k},
+            step_norms[:k],
+            _digest(plan[:k]),
+        )
+
+    run = upto(epochs, parallel.unwrap(model, plain, ranks).eval(), seconds)
+    run.snapshots = {e: upto(e, m, secs) for e, (m, secs) in sorted(kept.items())}
+    return run
 
 
 def _digest(plan) -> str:
