@@ -294,3 +294,20 @@ def test_default_fashion_mnist_run_meets_the_targets(tmp_path, report):
         )
     assert m["MUNBa"]["forget_recognition"] <= 2.0
     assert m["MUNBa"]["retain_accuracy"] >= m["Original"]["retain_accuracy"] - 3.0
+
+
+def test_a_snapshot_after_k_steps_is_exactly_a_k_step_run(unet):
+    forget, retain = _tiny_problem()
+
+    def run(steps, snapshots=()):
+        return ddpm.unlearn_class("MUNBa", unet, forget, retain, num_classes=3, anchor_class=1, batch_size=4,
+                                  class_dropout=0.1, recipe=ddpm.DiffusionRecipe(lr=1e-3, steps=steps),
+                                  seed=2, snapshots=snapshots, progress=False)  # fmt: skip
+
+    short, long = run(2), run(4, snapshots=(2,))
+    snap = long.snapshots[2]
+    for (name, a), b in zip(short.model.state_dict().items(), snap.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert snap.losses == short.losses and snap.settings == short.settings and len(long.losses) == 4
+    with pytest.raises(ValueError, match="snapshots"):
+        run(2, snapshots=(2,))

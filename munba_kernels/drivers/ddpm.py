@@ -285,6 +285,7 @@ class UnlearnRun:
     #: (norm of the direction before the clip, norm handed to AdamW) per step
     step_norms: list[tuple[float, float]] = field(default_factory=list)
     power_ratios: list[float] = field(default_factory=list)  # MUNBa's w_f/w_r per step
+    snapshots: dict[int, UnlearnRun] = field(default_factory=dict)  # by step (unlearn_class(snapshots=...))
 
 
 def unlearn_class(
@@ -300,14 +301,19 @@ def unlearn_class(
     recipe: DiffusionRecipe = DiffusionRecipe(),
     esd_eta: float = 1.0,
     seed: int = 0,
+    snapshots: tuple[int, ...] = (),
     progress: bool = True,
 ) -> UnlearnRun:
     """Erase ``forget``'s class from a copy of ``original`` with ``method`` (see module docstring).
 
     ``recipe`` builds the optimizer and sets the steps.  Every method sees the same forget
     batches, noise and timesteps (one seeded generator per purpose); MUNBa and Naive also
-    the same retain batches.
+    the same retain batches.  ``snapshots`` (step counts below ``recipe.steps``) also returns
+    the run as it stood after those steps: the learning rate is constant and every step
+    draws from the same streams, so each is exactly a shorter run.
     """
+    if any(not 1 <= k < recipe.steps for k in snapshots):
+        raise ValueError(f"snapshots must be step counts in 1..{recipe.steps - 1}, got {snapshots}")
     if method not in UNLEARN_METHODS:
         raise ValueError(f"method must be one of {UNLEARN_METHODS}, got {method!r}")
     if len(forget) == 0 or len(retain) == 0:
@@ -323,8 +329,12 @@ def unlearn_class(
     device = forget.x.device
     null, log, trace, norms, ratios = num_classes, [], [], [], []
     smoothed = first = None
+    kept = {}
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=f"{method} unlearning", unit="step", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc=f"{method} unlearning", unit="step", disable=not progress, leave=False):
+        if step in snapshots:
+            kept[step] = (copy.deepcopy(model).eval(), time.perf_counter() - start)
+            model.train()
         f_idx = torch.randint(0, len(forget), (batch_size,), generator=f_gen).to(device)
         x_t, _, t = add_noise(scheduler, forget.x[f_idx], f_gen)
         c_f = forget.y[f_idx]
@@ -379,7 +389,13 @@ def unlearn_class(
             settings["power_threshold"] = recipe.power_threshold
             settings["bargaining_power"] = "scheduled"
     step_norms = [tuple(row) for row in torch.stack([n.cpu() for n in norms]).tolist()]
-    return UnlearnRun(model.eval(), seconds, losses, bargain, settings, step_norms, ratios)
+
+    def upto(k: int, trained: nn.Module, secs: float) -> UnlearnRun:
+        return UnlearnRun(trained, secs, losses[:k], bargain[:k], {**settings, "steps": k}, step_norms[:k], ratios[:k])
+
+    run = upto(steps, model.eval(), seconds)
+    run.snapshots = {k: upto(k, m, secs) for k, (m, secs) in sorted(kept.items())}
+    return run
 
 
 def default_anchor(forget_class: int, num_classes: int) -> int:

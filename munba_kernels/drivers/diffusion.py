@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,7 +97,8 @@ class Config:
     sample_steps: int = 25
     guidance: float = 2.0
     samples_per_class: int = 100
-    seed: int = 0
+    seed: int = 0  # the DDPM, the judge and the first unlearning seed
+    seeds: int = 1  # unlearning seeds (batches, noise, timesteps, sampling noise) on that DDPM
     device: str = "cpu"
     out: str = "runs/diffusion"
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -196,7 +198,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
     p.add_argument("--samples-per-class", type=_positive("--samples-per-class"), default=d.samples_per_class)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the DDPM and the judge")
+    p.add_argument(
+        "--seeds",
+        type=_positive("--seeds"),
+        default=d.seeds,
+        help="unlearning seeds (batches, noise, sampling) averaged on that one DDPM",
+    )
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--out", default=d.out)
     p.add_argument(
@@ -266,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         guidance=a.guidance,
         samples_per_class=a.samples_per_class,
         seed=a.seed,
+        seeds=a.seeds,
         device=a.device,
         out=a.out,
         cache_dir=a.cache_dir,
@@ -380,9 +389,10 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
 
 
 def evaluate_generator(
-    cfg: Config, model, judge, num_classes: int, real_retain_feats: torch.Tensor, name: str
+    cfg: Config, model, judge, num_classes: int, real_retain_feats: torch.Tensor, name: str, unlearn_seed: int = 0
 ):
-    """Samples for every class (same noise for every model), judged; returns (row, samples [K, n, ...])."""
+    """Samples for every class (same noise for every model of an unlearning seed), judged;
+    returns (row, samples [K, n, ...])."""
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     images = ddpm.sample(
         model,
@@ -390,7 +400,7 @@ def evaluate_generator(
         null_class=num_classes,
         steps=cfg.sample_steps,
         guidance=cfg.guidance,
-        seed=cfg.seed + 12345,  # fixed and unrelated to the training streams
+        seed=cfg.seed + 12345 + unlearn_seed,  # fixed and unrelated to the training streams
         progress=cfg.progress,
     )
     logits = predict(judge, images.to(cfg.device))
@@ -411,7 +421,23 @@ def evaluate_generator(
     return row, images.reshape(num_classes, cfg.samples_per_class, *images.shape[1:])
 
 
-def run(cfg: Config) -> dict:
+@dataclass
+class Setup:
+    """What every unlearning seed shares: data, judge, the original DDPM, KID's reference."""
+
+    num_classes: int
+    in_channels: int
+    judge: torch.nn.Module
+    judge_seconds: float
+    judge_accuracy: float
+    original: torch.nn.Module
+    ddpm_seconds: float
+    real_feats: torch.Tensor
+    forget: Subset
+    retain: Subset
+
+
+def setup(cfg: Config) -> Setup:
     ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
     _check_classes(cfg, ds.num_classes)
     k, in_channels, dev = ds.num_classes, ds.image_shape[0], torch.device(cfg.device)
@@ -436,59 +462,118 @@ def run(cfg: Config) -> dict:
         ]
     ]
     real_feats = penultimate_features(judge, classifier_head(judge), real.to(dev))
-
     forget_mask = train.y == cfg.forget_class
-    forget, retain = (
+    return Setup(
+        k,
+        in_channels,
+        judge,
+        judge_s,
+        sum(judge_acc.values()) / k,
+        original,
+        ddpm_s,
+        real_feats,
         Subset(train.x[forget_mask], train.y[forget_mask]),
         Subset(train.x[~forget_mask], train.y[~forget_mask]),
     )
+
+
+def unlearn_method(cfg: Config, st: Setup, method: str, unlearn_seed: int = 0, recipe=None, snapshots=()):
+    """One method on the shared setup; the unlearning streams depend on ``unlearn_seed``."""
+    return ddpm.unlearn_class(
+        method,
+        st.original,
+        st.forget,
+        st.retain,
+        num_classes=st.num_classes,
+        anchor_class=cfg.anchor_class,
+        batch_size=cfg.unlearn_batch_size,
+        class_dropout=cfg.class_dropout,
+        recipe=recipe or cfg.unlearning_recipe(),
+        esd_eta=cfg.esd_eta,
+        seed=cfg.seed + 1000 * unlearn_seed,
+        snapshots=snapshots,
+        progress=cfg.progress,
+    )
+
+
+def method_row(result) -> dict:
+    """What results.json records of a run besides its generation scores."""
+    clip = result.settings["max_grad_norm"]
+    row = {
+        "seconds": result.seconds,
+        "settings": result.settings,
+        "clipped_steps": 0.0
+        if clip is None
+        else 100.0 * sum(r > clip for r, _ in result.step_norms) / len(result.step_norms),
+    }
+    if result.power_ratios:
+        row["final_power_ratio"] = result.power_ratios[-1]
+    return row
+
+
+def run_seed(cfg: Config, st: Setup, u: int, retrain=None):
+    """Every method for unlearning seed ``u``: (rows, panels, losses, bargain trace, relearn)."""
+    k = st.num_classes
     rows, panels, trace, losses = {}, {}, [], {}
-    rows["Original"], panels["Original"] = evaluate_generator(cfg, original, judge, k, real_feats, "Original")
-    rows["Original"]["seconds"] = ddpm_s
-    models = {"Original": original}
-    recipe = cfg.unlearning_recipe()
+    rows["Original"], panels["Original"] = evaluate_generator(
+        cfg, st.original, st.judge, k, st.real_feats, "Original", u
+    )
+    rows["Original"]["seconds"] = st.ddpm_seconds
+    models = {"Original": st.original}
     for method in cfg.methods:
-        result = ddpm.unlearn_class(
-            method,
-            original,
-            forget,
-            retain,
-            num_classes=k,
-            anchor_class=cfg.anchor_class,
-            batch_size=cfg.unlearn_batch_size,
-            class_dropout=cfg.class_dropout,
-            recipe=recipe,
-            esd_eta=cfg.esd_eta,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
-        rows[method], panels[method] = evaluate_generator(cfg, result.model, judge, k, real_feats, method)
-        rows[method]["seconds"] = result.seconds
-        rows[method]["settings"] = result.settings
-        clip = result.settings["max_grad_norm"]
-        rows[method]["clipped_steps"] = (
-            0.0 if clip is None else 100.0 * sum(r > clip for r, _ in result.step_norms) / len(result.step_norms)
-        )
-        if result.power_ratios:
-            rows[method]["final_power_ratio"] = result.power_ratios[-1]
+        result = unlearn_method(cfg, st, method, u)
+        rows[method], panels[method] = evaluate_generator(cfg, result.model, st.judge, k, st.real_feats, method, u)
+        rows[method].update(method_row(result))
         losses[method] = result.losses
         models[method] = result.model
         if method == "MUNBa":
             trace = result.bargain_log
     relearn = {}
-    if cfg.relearn:
-        models["Retrain"], retrain_s = pretrained_ddpm(cfg, retain, in_channels, k, kind="ddpm-retrain")
-        print(f"Retrain DDPM ready ({retrain_s:.0f}s training)")
-        images = Subset(forget.x[: cfg.relearn_images], forget.y[: cfg.relearn_images])
+    if retrain is not None:
+        models["Retrain"] = retrain
+        images = Subset(st.forget.x[: cfg.relearn_images], st.forget.y[: cfg.relearn_images])
         for name, model in models.items():
-            relearn[name] = relearn_generator(cfg, model, judge, images, k)
+            relearn[name] = relearn_generator(cfg, model, st.judge, images, k, u)
             print(f"  relearn {name:8s} forget recognition {relearn[name]['forget_recognition']}")
+    return rows, panels, losses, trace, relearn
+
+
+def run(cfg: Config) -> dict:
+    st = setup(cfg)
+    retrain = None
+    if cfg.relearn:
+        retrain, retrain_s = pretrained_ddpm(
+            cfg, st.retain, st.in_channels, st.num_classes, kind="ddpm-retrain"
+        )
+        print(f"Retrain DDPM ready ({retrain_s:.0f}s training)")
+    per_seed, relearn_seeds = [], []
+    for u in range(cfg.seeds):
+        rows, p, losses_u, trace_u, relearn_u = run_seed(cfg, st, u, retrain)
+        if u == 0:
+            panels, losses, trace = p, losses_u, trace_u
+        per_seed.append(rows)
+        relearn_seeds.append(relearn_u)
+    from .classify import aggregate
+
+    methods = aggregate(per_seed)
+    for row in methods.values():  # per-class accuracies: the mean is enough next to per_seed
+        row.pop("per_class_accuracy", None)
+    relearn = {}
+    for name in relearn_seeds[0]:
+        curves = [r[name]["forget_recognition"] for r in relearn_seeds]
+        relearn[name] = {
+            "images": relearn_seeds[0][name]["images"],
+            "steps": relearn_seeds[0][name]["steps"],
+            "forget_recognition": [statistics.fmean(c) for c in zip(*curves)],
+            "std": [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*curves)],
+            "per_seed": curves,
+        }
     config = asdict(cfg)
-    config.update(judge_test_accuracy=sum(judge_acc.values()) / k, judge_seconds=judge_s, ddpm_seconds=ddpm_s)
-    return {"config": config, "methods": rows, "losses": losses, "relearn": relearn}, panels, trace
+    config.update(judge_test_accuracy=st.judge_accuracy, judge_seconds=st.judge_seconds, ddpm_seconds=st.ddpm_seconds)
+    return {"config": config, "methods": methods, "losses": losses, "relearn": relearn}, panels, trace
 
 
-def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: int) -> dict:
+def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: int, unlearn_seed: int = 0) -> dict:
     """Forget recognition of the forget class's generations along the relearning attack."""
     labels = torch.full((cfg.samples_per_class,), cfg.forget_class, device=cfg.device)
     steps, recognition = [], []
@@ -499,7 +584,7 @@ def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: in
         every=cfg.relearn_every,
         lr=cfg.relearn_lr,
         batch_size=min(cfg.unlearn_batch_size, len(images)),
-        seed=cfg.seed + 777,  # the same stream for every model
+        seed=cfg.seed + 777 + unlearn_seed,  # the same stream for every model
     ):
         samples = ddpm.sample(
             relearned,
@@ -507,7 +592,7 @@ def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: in
             null_class=num_classes,
             steps=cfg.sample_steps,
             guidance=cfg.guidance,
-            seed=cfg.seed + 4242,
+            seed=cfg.seed + 4242 + unlearn_seed,
         )
         steps.append(step)
         recognition.append(accuracy(predict(judge, samples.to(cfg.device)), labels.cpu()))
@@ -556,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run_stable_diffusion(cfg)
     results, panels, trace = run(cfg)
-    k = len(results["methods"]["Original"]["per_class_accuracy"])
+    k = len(panels["Original"])
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion_mnist" else [str(i) for i in range(k)]
     table = write_report(cfg, results, panels, trace, names)
     print("\n" + table)
