@@ -64,3 +64,21 @@ def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(classify, "run_method", no_runs)
     again = study.main(argv)
     assert again["summary"] == report["summary"]
+
+
+def test_quick_diffusion_study_end_to_end(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "d"
+    report = study.main(["--driver", "diffusion", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    # per seed: Naive and MUNBa at 4 steps (2 from a snapshot of the same runs), MUNBa at power 2
+    assert sorted((r["seed"], r["row"], r["cell"]) for r in records) == sorted(
+        (s, m, c) for s in (0, 1) for m, c in
+        [("Naive", "4 steps"), ("Naive", "2 steps"), ("MUNBa", "4 steps"), ("MUNBa", "2 steps"), ("MUNBa", "power 2")]
+    )  # fmt: skip
+    by = {(r["seed"], r["row"], r["cell"]): r for r in records}
+    assert by[(0, "MUNBa", "2 steps")]["settings"]["steps"] == 2 and by[(0, "MUNBa", "power 2")]["settings"]["power_ratio"] == 2.0
+    acc = report["summary"]["power 2"]["pairs"]["retain_accuracy"]
+    expected = [by[(s, "MUNBa", "power 2")]["retain_accuracy"] - by[(s, "Naive", "4 steps")]["retain_accuracy"] for s in (0, 1)]
+    assert acc["diff"] == pytest.approx(expected)
+    assert "| power 2 |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
