@@ -41,7 +41,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "s" / "records.jsonl").read_text().splitlines()]
     # random: paper and 2 epochs (5 rows each) + power 2 (2 rows), 2 seeds; hard: paper, 2 seeds;
     # the candidate on hard, seed 2 (a power cell also needs its equal-power baselines)
-    assert len(records) == 2 * 12 + 2 * 5 + (7 if report["candidate"]["cell"] == "power 2" else 5)
+    confirmed_rows = 0
+    if report["confirmation"]["won_selection"]:
+        confirmed_rows = 7 if report["candidate"]["cell"] == "power 2" else 5
+    assert len(records) == 2 * 12 + 2 * 5 + confirmed_rows
     assert len({r["key"] for r in records}) == len(records)
     for r in records:
         assert r["settings"]["epochs"] == r["epochs"] in (1, 2) and r["settings"]["max_grad_norm"] == 1.0
@@ -82,3 +85,22 @@ def test_quick_diffusion_study_end_to_end(tmp_path):
     expected = [by[(s, "MUNBa", "power 2")]["retain_accuracy"] - by[(s, "Naive", "4 steps")]["retain_accuracy"] for s in (0, 1)]
     assert acc["diff"] == pytest.approx(expected)
     assert "| power 2 |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
+
+
+def test_driver_results_stand_in_for_the_paper_cell_only_when_configured_alike(tmp_path):
+    plan = study.Plan()
+    records = study.Records(tmp_path / "records.jsonl")
+    row = {"UA": 1.0, "RA": 2.0, "TA": 3.0, "MIA": 4.0, "avg_gap": 5.0, "val_gap": 6.0, "lr": 0.01,
+           "settings": {"epochs": 2}}  # fmt: skip
+    cfg = {**classify.asdict(classify.Config()), "scenario": "class", "seeds": 2, "model": "narrow_resnet"}
+    saved = {"config": cfg, "methods": {m: {"per_seed": [row, {**row, "avg_gap": 7.0}]} for m in ("Naive", "MUNBa")}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(saved))
+    study.import_driver_results(plan, records, path, log=lambda *_: None)
+    assert records.get("class", 1, "MUNBa", study.PAPER)["avg_gap"] == 7.0
+    assert records.get("class", 0, "Naive", study.PAPER)["imported"] == str(path)
+    assert records.get("class", 0, "MUNBa", study.CELLS[2]) is None  # only the paper cell
+    assert len(study.Records(tmp_path / "records.jsonl").rows) == 4  # persisted
+    path.write_text(json.dumps({**saved, "config": {**cfg, "epochs": 5, "train_size": 600}}))
+    with pytest.raises(ValueError, match="train_size"):
+        study.import_driver_results(plan, records, path)

@@ -94,8 +94,9 @@ CELLS = (
 @dataclass
 class Plan:
     scenarios: tuple[str, ...] = ("random", "hard", "class")  # in the order they run
-    sweep_scenarios: tuple[str, ...] = ("random", "class")  # the others get the paper cell only
+    sweep_scenarios: tuple[str, ...] = ("random",)  # the others get the paper cell only
     selection_scenario: str = "random"
+    confirm_scenarios: tuple[str, ...] = ("class",)
     seeds: tuple[int, ...] = (0, 1, 2)
     confirm_seeds: tuple[int, ...] = (3, 4, 5)
     cells: tuple[Cell, ...] = CELLS  # the first is the reference every scenario runs
@@ -142,6 +143,31 @@ class Records:
 
 
 _KEPT = ("UA", "RA", "TA", "MIA", "avg_gap", "val_gap", "lr", "beta", "seconds", "clipped_steps", "settings")
+#: Config entries a driver run must share with the study's base to stand in for its first cell.
+_MATCH = ("dataset", "model", "train_size", "test_size", "batch_size", "pretrain_epochs", "pretrain_lr",
+          "forget_ratio", "forget_classes", "recipe", "lr_grid", "neggrad_betas")  # fmt: skip
+
+
+def import_driver_results(plan: Plan, records: Records, path: Path, log=print) -> None:
+    """Record a classify driver run (results.json, same configuration as the study's first
+    cell) as that cell's rows, so the study need not recompute what the README tables ran."""
+    saved = json.loads(Path(path).read_text())
+    cfg = saved["config"]
+    base = json.loads(json.dumps(_plan_dict(plan)["base"]))
+    model = base["model"] or cfg["model"]
+    diffs = [k for k in _MATCH if (cfg[k] if k != "model" else cfg["model"]) != (base[k] if k != "model" else model)]
+    cell = plan.paper
+    if (cfg["epochs"], cfg["max_grad_norm"], cfg["power"]) != (cell.epochs, cell.clip, cell.power):
+        diffs.append("epochs/max_grad_norm/power")
+    if diffs:
+        raise ValueError(f"{path}: differs from the study's configuration in {diffs}")
+    rows = (*BASELINES, classify.EQUAL_BUDGET_ROW, *MUNBA_VARIANTS)
+    for seed in range(cfg["seeds"]):
+        for row in rows:
+            if row in saved["methods"] and not records.get(cfg["scenario"], seed, row, cell):
+                values = saved["methods"][row]["per_seed"][seed]
+                records.add(cfg["scenario"], seed, row, cell, {k: values.get(k) for k in _KEPT} | {"imported": str(path)})
+    log(f"imported {path} as {cfg['scenario']} '{cell.name}', seeds 0..{cfg['seeds'] - 1}")
 
 
 def run_classify_cells(plan: Plan, records: Records, scenario: str, seed: int, cells, contexts, ds, log):
@@ -248,24 +274,31 @@ def candidate(plan: Plan, records: Records) -> tuple[str, Cell] | None:
     return None if best is None else (best[1], best[2])
 
 
-def confirm(plan: Plan, records: Records, row: str, cell: Cell) -> dict:
-    """The candidate against its naive counterpart and NegGrad+ on held-out seeds and scenarios."""
-    out = {}
+def head_to_head(records: Records, scenario: str, seeds, row: str, cell: Cell) -> dict[str, dict]:
+    """``row`` at ``cell`` against its naive counterpart and NegGrad+ (test gaps, paired)."""
     counterpart = "Naive" if row == "MUNBa" else "NegGrad+"
-    for scenario in plan.scenarios:
-        if scenario == plan.selection_scenario:
-            continue
-        res = {}
-        for base in dict.fromkeys((counterpart, "NegGrad+")):
-            a = gaps(records, scenario, plan.confirm_seeds, row, cell)
-            b = gaps(records, scenario, plan.confirm_seeds, base, cell)
-            if a is not None and b is not None:
-                res[base] = paired(a, b)
-        out[scenario] = res
-    n_needed = len(plan.confirm_seeds) // 2 + 1
-    decided = all(out[s] for s in out)
-    wins = decided and all(r["wins"] >= n_needed for s in out.values() for r in s.values())
-    return {"row": row, "cell": cell.name, "scenarios": out, "confirmed": bool(wins), "complete": decided}
+    res = {}
+    for base in dict.fromkeys((counterpart, "NegGrad+")):
+        a, b = gaps(records, scenario, seeds, row, cell), gaps(records, scenario, seeds, base, cell)
+        if a is not None and b is not None:
+            res[base] = paired(a, b)
+    return res
+
+
+def _majority(res: dict[str, dict], n: int) -> bool:
+    return len(res) > 0 and all(r["wins"] >= n // 2 + 1 for r in res.values())
+
+
+def confirm(plan: Plan, records: Records, row: str, cell: Cell) -> dict:
+    """The candidate must first beat its naive counterpart and NegGrad+ on most seeds of the
+    selection scenario (test gap), then do so again on held-out seeds of held-out scenarios."""
+    selection = head_to_head(records, plan.selection_scenario, plan.seeds, row, cell)
+    out = {s: head_to_head(records, s, plan.confirm_seeds, row, cell) for s in plan.confirm_scenarios}
+    won_selection = _majority(selection, len(plan.seeds))
+    decided = not won_selection or all(out.values())
+    confirmed = won_selection and all(_majority(r, len(plan.confirm_seeds)) for r in out.values())
+    return {"row": row, "cell": cell.name, "selection": selection, "won_selection": won_selection,
+            "scenarios": out, "confirmed": bool(confirmed), "complete": bool(decided)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ report
@@ -313,13 +346,20 @@ def markdown(plan: Plan, summary: dict, cand, confirmation, title: str, command:
                   f"Candidate (smallest mean validation gap on {plan.selection_scenario}, seeds "
                   f"{', '.join(map(str, plan.seeds))}): **{cand[0]} at '{cand[1].name}'**.", ""]  # fmt: skip
         if confirmation:
+            for base, pr in confirmation["selection"].items():
+                lines.append(f"* {plan.selection_scenario}, seeds {', '.join(map(str, plan.seeds))} (where it was "
+                             f"chosen): {cand[0]} vs {base} {_fmt_pair(pr)}")  # fmt: skip
             for scenario, res in confirmation["scenarios"].items():
                 for base, pr in res.items():
                     lines.append(f"* {scenario}, seeds {', '.join(map(str, plan.confirm_seeds))}: "
                                  f"{cand[0]} vs {base} {_fmt_pair(pr)}")  # fmt: skip
-            verdict = ("confirmed: it wins on most held-out seeds in every held-out scenario"
-                       if confirmation["confirmed"] else
-                       "not confirmed" + ("" if confirmation["complete"] else " (confirmation incomplete)"))  # fmt: skip
+            if confirmation["confirmed"]:
+                verdict = "confirmed: it wins on most held-out seeds in every held-out scenario"
+            elif not confirmation["won_selection"]:
+                verdict = ("not a recommendation: it does not beat both baselines on most seeds even where it "
+                           "was chosen, so no held-out check was run and the paper recipe stays")  # fmt: skip
+            else:
+                verdict = "not confirmed" + ("" if confirmation["complete"] else " (confirmation incomplete)")
             lines += ["", f"Verdict: {verdict}.", ""]
     return "\n".join(lines) + "\n"
 
@@ -368,8 +408,8 @@ def study_classify(plan: Plan, out: Path, command: str, log=print) -> dict:
     confirmation = None
     if cand is not None and plan.confirm_seeds:
         row, cell = cand
-        for scenario in plan.scenarios:
-            if scenario != plan.selection_scenario:
+        if _majority(head_to_head(records, plan.selection_scenario, plan.seeds, row, cell), len(plan.seeds)):
+            for scenario in plan.confirm_scenarios:
                 for seed in plan.confirm_seeds:
                     cells = tuple(dict.fromkeys((cell, cell.baseline_cell())))
                     run_classify_cells(plan, records, scenario, seed, cells, contexts, ds, log)
@@ -404,8 +444,22 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for the sweep")
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=classify.SCENARIOS,
+        default=list(Plan.scenarios),
+        help="classification scenarios, in the order they run (the levers are swept on random)",
+    )
     p.add_argument("--confirm-seeds", type=int, default=3, help="held-out seeds N..N+M-1 for the recipe check")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--import",
+        dest="imports",
+        nargs="+",
+        default=[],
+        help="classify results.json files (same configuration) to record as the paper cell",
+    )
     p.add_argument("--quick", action="store_true", help="seconds: digits, tiny budgets, three cells, two seeds")
     return p.parse_args(argv)
 
@@ -422,15 +476,19 @@ def main(argv: list[str] | None = None) -> dict:
     base = classify.Config(dataset=a.dataset, progress=False)
     if a.cache_dir:
         base.cache_dir = a.cache_dir
-    plan = Plan(base=base, seeds=tuple(range(a.seeds)),
+    plan = Plan(base=base, seeds=tuple(range(a.seeds)), scenarios=tuple(a.scenarios),
                 confirm_seeds=tuple(range(a.seeds, a.seeds + a.confirm_seeds)))  # fmt: skip
+    plan.confirm_scenarios = tuple(s for s in plan.confirm_scenarios if s in plan.scenarios)
     if a.quick:
         base.dataset, base.train_size, base.test_size, base.pretrain_epochs = "digits", 600, 300, 3
         base.lr_grid, base.neggrad_betas = [0.01], [0.5, classify.NEGGRAD_BETA]
-        plan.scenarios, plan.sweep_scenarios = ("random", "hard"), ("random",)
+        plan.scenarios, plan.sweep_scenarios, plan.confirm_scenarios = ("random", "hard"), ("random",), ("hard",)
         plan.cells = (replace(PAPER, epochs=1), Cell("2 epochs", "budget", epochs=2),
                       Cell("power 2", "power", epochs=1, power=2.0))  # fmt: skip
         plan.seeds, plan.confirm_seeds = (0, 1), (2,)
+    records = Records(out / "records.jsonl")
+    for path in a.imports:
+        import_driver_results(plan, records, Path(path))
     return study_classify(plan, out, command)
 
 
