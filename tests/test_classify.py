@@ -332,3 +332,4 @@ def test_a_snapshot_at_epoch_k_is_exactly_a_k_epoch_run(method, digits_split, or
     assert not torch.equal(long.model.fc.weight, snap.model.fc.weight)  # training went on
     with pytest.raises(ValueError, match="snapshots"):
         run(2, snapshots=(2,))
+

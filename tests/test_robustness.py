@@ -74,6 +74,7 @@ def test_relearn_curve_recovers_a_forgotten_rule_and_zero_lr_changes_nothing():
     curve = robustness.relearn_curve(model, forget, 0.1, attack, seed=0)
     assert curve["steps"] == [0, 10, 20, 30]
     assert curve["forget_acc"][0] == 0.0 and curve["forget_acc"][-1] > 80.0  # chance: 50
+    assert len(curve["slice_loss"]) == 4 and curve["slice_loss"][-1] < 0.5 * curve["slice_loss"][0]
     frozen = robustness.relearn_curve(model, forget, 0.1, robustness.RelearnAttack(lr=1e-12, steps=20), seed=0)
     assert frozen["forget_acc"] == [0.0] * 3
 
