@@ -452,6 +452,13 @@ def parse_args(argv: list[str] | None = None):
         help="classification scenarios, in the order they run (the levers are swept on random)",
     )
     p.add_argument("--confirm-seeds", type=int, default=3, help="held-out seeds N..N+M-1 for the recipe check")
+    p.add_argument(
+        "--confirm-scenarios",
+        nargs="+",
+        choices=classify.SCENARIOS,
+        default=list(Plan.confirm_scenarios),
+        help="held-out scenarios the recommended-recipe candidate must also win on",
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument(
         "--import",
@@ -478,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         base.cache_dir = a.cache_dir
     plan = Plan(base=base, seeds=tuple(range(a.seeds)), scenarios=tuple(a.scenarios),
                 confirm_seeds=tuple(range(a.seeds, a.seeds + a.confirm_seeds)))  # fmt: skip
-    plan.confirm_scenarios = tuple(s for s in plan.confirm_scenarios if s in plan.scenarios)
+    plan.confirm_scenarios = tuple(s for s in a.confirm_scenarios if s != plan.selection_scenario)
     if a.quick:
         base.dataset, base.train_size, base.test_size, base.pretrain_epochs = "digits", 600, 300, 3
         base.lr_grid, base.neggrad_betas = [0.01], [0.5, classify.NEGGRAD_BETA]
