@@ -7,15 +7,20 @@ from pathlib import Path
 
 
 def markdown_table(methods: dict[str, dict], columns: Sequence[str], title: str = "") -> str:
-    """One row per method; numbers with two decimals, missing values as '–'."""
+    """One row per method; numbers with two decimals, missing values as '–'; a row's
+    ``std`` entry (a dict by column) is shown as ``mean ± std``."""
     lines = [f"### {title}", ""] if title else []
     lines.append("| method | " + " | ".join(columns) + " |")
     lines.append("|---|" + "---:|" * len(columns))
     for name, row in methods.items():
         cells = []
+        std = row.get("std") or {}
         for col in columns:
             value = row.get(col)
-            cells.append("–" if value is None else _fmt(value))
+            cell = "–" if value is None else _fmt(value)
+            if col in std and value is not None:
+                cell += f" ± {_fmt(float(std[col]))}"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -87,6 +92,39 @@ def plot_bargain_trace(log: Sequence[Sequence[float]], path: str | Path, title: 
     ax2.axhline(0.0, color="grey", lw=0.5)
     ax2.set_ylabel("cos φ(g_f, g_r)")
     ax2.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_relearn(
+    relearn: dict[str, dict],
+    path: str | Path,
+    title: str = "",
+    ylabel: str = "accuracy on the rest of the forget set (%)",
+) -> None:
+    """Forget accuracy recovered by the relearning attack: one panel per slice size, one
+    line per model (mean over seeds, ± std band); Retrain, the reference, in black."""
+    plt = _pyplot()
+    fracs = list(next(iter(relearn.values())))
+    fig, axes = plt.subplots(1, len(fracs), figsize=(5.5 * len(fracs), 4), squeeze=False, sharey=True)
+    for ax, frac in zip(axes[0], fracs):
+        for name, curves in relearn.items():
+            c = curves[frac]
+            mean, std = c["forget_acc"], c.get("std", [0.0] * len(c["steps"]))
+            style = {"color": "black", "lw": 2.5, "ls": "--"} if name == "Retrain" else {}
+            (line,) = ax.plot(c["steps"], mean, marker="o", ms=3, label=name, **style)
+            ax.fill_between(
+                c["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                color=line.get_color(), alpha=0.12,
+            )  # fmt: skip
+        ax.set_title(f"relearning on {frac}" + (" of the forget set" if frac.endswith("%") else ""))
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
