@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py csrc/munba_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,drivers]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,drivers,hf]"
 	touch $(STAMP)
 
 setup: $(STAMP)
