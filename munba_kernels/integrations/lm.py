@@ -143,18 +143,21 @@ def preserve_loss(
 
 
 # ----------------------------------------------------------------- QA examples
-def qa_example(tokenizer, question: str, answer: str, max_length: int = 128) -> dict[str, list[int]]:
-    """One causal-LM example from a question/answer pair: ``question answer`` with an end-of-sequence
-    token, labels on the answer tokens only (the field's convention: only the answer is scored).
+def qa_example(
+    tokenizer, question: str, answer: str, max_length: int = 128, *, eos: bool = True
+) -> dict[str, list[int]]:
+    """One causal-LM example from a question/answer pair: ``question answer`` (with an end-of-sequence
+    token unless ``eos=False``), labels on the answer tokens only (the field's convention: only the
+    answer is scored).
 
     The prompt is tokenised on its own so the boundary does not depend on the tokenizer merging
     across it; ``tokenizer`` is any Hugging Face tokenizer (``PreTrainedTokenizerBase``).
     """
     prompt = tokenizer(question, add_special_tokens=True)["input_ids"]
     reply = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = (prompt + reply + eos)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + reply + eos)[:max_length]
+    end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    ids = (prompt + reply + end)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + reply + end)[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 

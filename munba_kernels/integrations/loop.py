@@ -78,13 +78,15 @@ def lm_unlearning_step(
     npo_beta: float = 0.1,
     scaler: torch.amp.GradScaler | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    window: lm.Window | None = None,
 ) -> dict[str, float]:
     """:func:`two_player_step` for causal-LM micro-batches ``{"forget": batch, "retain": batch}``
-    (tensors on the model's device), losses normalised over the window's scored tokens/sequences."""
+    (tensors on the model's device), losses normalised over the window's scored tokens/sequences
+    (``window``: other divisors, e.g. global ones when each data-parallel rank holds a share)."""
     lm.check_loss_names(forget_loss, preserve_loss)
     if lm.needs_reference(forget_loss, preserve_loss) and ref_model is None:
         raise ValueError(f"forget_loss={forget_loss!r} / preserve_loss={preserve_loss!r} need a ref_model")
-    window = lm.Window.of(micro_batches)
+    window = window or lm.Window.of(micro_batches)
     model.train()
     return two_player_step(
         optimizer,
