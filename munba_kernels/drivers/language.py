@@ -605,13 +605,16 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv, parser)
     with options.usage_errors(parser):
         check_before_work(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
     start = time.perf_counter()
     per_seed = []
-    for seed in range(cfg.seeds):
-        with options.usage_errors(parser):  # e.g. a tokenizer that does not match --pretrained
-            per_seed.append(run_seed(cfg, seed))
+    try:
+        for seed in range(cfg.seeds):
+            with options.usage_errors(parser):  # e.g. a tokenizer that does not match --pretrained
+                per_seed.append(run_seed(cfg, seed))
+    finally:
+        torch.set_num_threads(threads)
     methods = aggregate(per_seed)
     results = {
         "config": asdict(cfg),

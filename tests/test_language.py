@@ -1,0 +1,162 @@
+"""The language-model driver: --quick end to end (layout, fairness record, plots), the cache, and
+one-line errors for bad input before any training."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("rouge_score")
+
+from munba_kernels.drivers import language, lm_data, lm_models  # noqa: E402
+from munba_kernels.drivers.lm_unlearning import METHODS  # noqa: E402
+
+METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_truth", "mia_auc", "seconds")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("language")
+    argv = [
+        "--quick",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp / "out"),
+        "--cache-dir",
+        str(tmp / "cache"),
+    ]
+    return language.main(argv), tmp
+
+
+def test_quick_end_to_end_writes_every_method_in_the_drivers_layout(quick_run):
+    results, tmp = quick_run
+    out = tmp / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["methods"]) == {"Target", "Retain", *METHODS}
+    for name, row in saved["methods"].items():
+        for metric in METRICS:
+            assert isinstance(row[metric], float), (name, metric)
+        assert 0 <= row["forget_quality"] <= 1 and 0 <= row["model_utility"] <= 1 and 0 <= row["mia_auc"] <= 1
+    assert saved["methods"]["Retain"]["forget_quality"] == 1.0
+    for method in METHODS:
+        assert isinstance(saved["methods"][method]["relearn_rouge"], float)
+    for name in (
+        "metrics.png",
+        "tradeoff.png",
+        "munba-ga_bargain.png",
+        "munba-npo_bargain.png",
+        "results.md",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert "| MUNBa-NPO |" in (out / "results.md").read_text()
+
+
+def test_every_two_objective_method_ran_with_the_same_settings(quick_run):
+    results, _ = quick_run
+    settings = {
+        m: dict(results["methods"][m]["settings"]) for m in ("GradDiff", "NPO+RT", "MUNBa-GA", "MUNBa-NPO")
+    }
+    for s in settings.values():
+        s.pop("optimizer"), s.pop("combine"), s.pop("forget_loss"), s.pop("npo_beta", None)
+    first = next(iter(settings.values()))
+    assert all(s == first for s in settings.values())
+    assert first["max_grad_norm"] == 1.0 and first["preserve_loss"] == "nll"
+    assert results["methods"]["MUNBa-GA"]["settings"]["optimizer"] == "MUNBaOptimizer"
+    assert results["methods"]["GradDiff"]["settings"]["optimizer"] == "AdamW"
+    steps = results["config"]["steps"]
+    assert [len(t) for t in results["bargain"][0].values()] == [steps, steps]
+    for a_f, a_r, cos in results["bargain"][0]["MUNBa-NPO"]:
+        assert a_f > 0 and a_r > 0 and -1 <= cos <= 1
+    curve = results["curves"][0]["GradDiff"][results["config"]["lrs"][0]]
+    assert [p["step"] for p in curve] == [0, steps // 2, steps]
+
+
+def test_cached_models_are_reused(quick_run, monkeypatch):
+    _, tmp = quick_run
+    cfg = language.parse_args(["--quick", "--no-progress", "--cache-dir", str(tmp / "cache")])
+    monkeypatch.setattr(lm_models, "finetune", _no_training)
+    _, target, retain, info = language.prepare_models(cfg, language.load_corpus(cfg, 0), 0)
+    assert target is not None and retain is not None and info["target_seconds"] > 0
+
+
+def _no_training(*a, **k):
+    raise AssertionError("a bad option must be reported before any training")
+
+
+def _exit_message(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--lrs", "1e-3,0"], "--lrs"),
+        (["--lrs", ","], "--lrs"),
+        (["--forget-ratio", "1.5"], "--forget-ratio"),
+        (["--people", "2", "--forget-ratio", "0.5"], "--forget-ratio"),
+        (["--facts-per-person", "13"], "--facts-per-person"),
+        (["--methods", "RMU"], "--methods"),
+        (["--forget-file", "f.jsonl"], "--retain-file"),
+        (["--pretrained", "some/dir"], "--forget-file"),
+        (["--retain-model", "some/dir"], "--retain-model"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_bad_option_values_are_one_line_errors_naming_the_option(argv, option, capsys):
+    line = _exit_message(capsys, lambda: language.parse_args(argv))
+    assert "error:" in line and option in line
+
+
+def _main_error(tmp_path, monkeypatch, capsys, extra):
+    monkeypatch.setattr(lm_models, "finetune", _no_training)
+    argv = ["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+    return _exit_message(capsys, lambda: language.main([*argv, *extra]))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_hub_id_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    f = _jsonl(tmp_path / "f.jsonl", [{"question": "Q?", "answer": "A"}])
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--pretrained", "meta-llama/Llama-3.2-1B",
+                                                       "--forget-file", f, "--retain-file", f])  # fmt: skip
+    assert "--pretrained 'meta-llama/Llama-3.2-1B' is not a local Hugging Face model folder" in line
+    assert "Nothing is downloaded" in line
+
+
+def test_empty_or_broken_data_files_are_named(tmp_path, monkeypatch, capsys):
+    good = _jsonl(tmp_path / "r.jsonl", [{"question": "Q?", "answer": "A"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--forget-file", str(tmp_path / "empty.jsonl"),
+                                                       "--retain-file", good])  # fmt: skip
+    assert "--forget-file" in line and "no question/answer pairs" in line
+    (tmp_path / "bad.jsonl").write_text('{"question": "Q?"}\n')
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--forget-file", good, "--retain-file",
+                                                       str(tmp_path / "bad.jsonl")])  # fmt: skip
+    assert "--retain-file" in line and "line 1" in line
+
+
+def test_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--out", str(tmp_path / "a_file" / "x")])
+    assert "--out" in line and "a_file" in line
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    corpus = lm_data.generate(0, n_people=3, facts_per_person=2, n_countries=1)
+    tok = lm_models.build_tokenizer(corpus.texts())
+    model = lm_models.tiny_llama(len(tok) - 5, lm_models.ModelSize(16, 1, 2, 32))  # five ids short
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    f = _jsonl(tmp_path / "f.jsonl", [{"question": qa.question, "answer": qa.answer} for qa in corpus.forget])
+    line = _main_error(tmp_path, monkeypatch, capsys, ["--pretrained", str(tmp_path / "model"),
+                                                       "--forget-file", f, "--retain-file", f])  # fmt: skip
+    assert "--pretrained: the tokenizer does not match the model" in line and f"{len(tok)} tokens" in line
