@@ -1,5 +1,6 @@
 """Test helpers for the language-model tests: a tiny Llama and random causal-LM examples."""
 
+import pytest
 import torch
 
 
@@ -36,3 +37,13 @@ def examples(n, seed=1, vocab=64, prompt=3):
 def pairs(n, seed=1):
     """``n`` micro-batch-sized {"forget", "retain"} example pairs."""
     return [{"forget": f, "retain": r} for f, r in zip(examples(n, seed), examples(n, seed + 100))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (their kernels are too small to split; with two
+    threads on a busy 2-core machine they were several times slower).  Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

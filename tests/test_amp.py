@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from lmtiny import one_thread  # noqa: E402, F401
 
 from munba_kernels import BargainStatus, MUNBaOptimizer, amp
 from munba_kernels.integrations.loop import two_player_step

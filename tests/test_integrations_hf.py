@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from lmtiny import examples, pairs, tiny_llama  # noqa: E402
+from lmtiny import examples, one_thread, pairs, tiny_llama  # noqa: E402, F401
 from transformers import TrainingArguments  # noqa: E402
 
 from munba_kernels import MUNBaOptimizer, amp  # noqa: E402

@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 
+from lmtiny import one_thread  # noqa: E402, F401
+
 from munba_kernels.drivers import language, lm_data, lm_models  # noqa: E402
 from munba_kernels.drivers.lm_unlearning import METHODS  # noqa: E402
 
@@ -60,6 +62,7 @@ def test_every_two_objective_method_ran_with_the_same_settings(quick_run):
     }
     for s in settings.values():
         s.pop("optimizer"), s.pop("combine"), s.pop("forget_loss"), s.pop("npo_beta", None)
+        assert s.pop("trainable_parameters") == results["models"][0]["parameters"]
     first = next(iter(settings.values()))
     assert all(s == first for s in settings.values())
     assert first["max_grad_norm"] == 1.0 and first["preserve_loss"] == "nll"
@@ -160,3 +163,83 @@ def test_a_tokenizer_that_does_not_match_the_model_is_a_clear_error(tmp_path, mo
     line = _main_error(tmp_path, monkeypatch, capsys, ["--pretrained", str(tmp_path / "model"),
                                                        "--forget-file", f, "--retain-file", f])  # fmt: skip
     assert "--pretrained: the tokenizer does not match the model" in line and f"{len(tok)} tokens" in line
+
+
+def _qa_rows(qas):
+    return [
+        {"question": qa.question, "answer": qa.answer, "paraphrased_answer": qa.paraphrase,
+         "perturbed_answers": list(qa.perturbed)}
+        for qa in qas
+    ]  # fmt: skip
+
+
+def test_pretrained_folders_jsonl_files_and_lora(tmp_path):
+    """Real use on a tiny local model: --pretrained / --retain-model folders (no training, nothing
+    downloaded), JSONL forget/retain/holdout files, LoRA adapters only."""
+    corpus = lm_data.generate(1, n_people=4, facts_per_person=2, n_countries=1)
+    tok = lm_models.build_tokenizer(corpus.texts())
+    for name, seed in (("target", 0), ("retain", 1)):
+        model = lm_models.tiny_llama(len(tok), lm_models.ModelSize(16, 1, 2, 32), seed=seed)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    files = {
+        k: _jsonl(tmp_path / f"{k}.jsonl", _qa_rows(getattr(corpus, k)))
+        for k in ("forget", "retain", "holdout")
+    }
+    results = language.main(
+        ["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path / "out"), "--pretrained", str(tmp_path / "target"),
+         "--retain-model", str(tmp_path / "retain"), "--forget-file", files["forget"], "--retain-file",
+         files["retain"], "--holdout-file", files["holdout"], "--lora", "--methods", "GradDiff,MUNBa-NPO"]
+    )  # fmt: skip
+    assert set(results["methods"]) == {"Retain", "Target", "GradDiff", "MUNBa-NPO"}
+    total = sum(
+        p.numel() for p in lm_models.tiny_llama(len(tok), lm_models.ModelSize(16, 1, 2, 32)).parameters()
+    )
+    for method in ("GradDiff", "MUNBa-NPO"):
+        row = results["methods"][method]
+        assert 0 < row["settings"]["trainable_parameters"] < total  # adapters only
+        assert isinstance(row["forget_quality"], float) and isinstance(row["mia_auc"], float)
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_jsonl_files_without_truth_ratio_answers_still_run(tmp_path):
+    """Files with only question/answer: the embedded models are fine-tuned on them; the truth-ratio
+    metrics (and so forget quality) are reported as missing, not made up."""
+    corpus = lm_data.generate(2, n_people=4, facts_per_person=2, n_countries=1)
+    plain = lambda qas: [{"question": qa.question, "answer": qa.answer} for qa in qas]  # noqa: E731
+    f, r = (
+        _jsonl(tmp_path / "f.jsonl", plain(corpus.forget)),
+        _jsonl(tmp_path / "r.jsonl", plain(corpus.retain)),
+    )
+    results = language.main(["--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path / "out"),
+                             "--cache-dir", str(tmp_path / "c"), "--forget-file", f, "--retain-file", r,
+                             "--methods", "NPO+RT,MUNBa-NPO", "--relearn-steps", "0"])  # fmt: skip
+    row = results["methods"]["MUNBa-NPO"]
+    assert row["forget_quality"] is None and row["forget_truth"] is None and "mia_auc" not in row
+    assert isinstance(row["model_utility"], float) and isinstance(row["forget_rouge"], float)
+    assert "| MUNBa-NPO | – |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp2_over_two_ranks_matches_one_process(quick_run, tmp_path):
+    """torchrun, 2 gloo ranks sharding the decoder layers: the same numbers as one process."""
+    import os
+    import subprocess
+    import sys
+
+    _, tmp = quick_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "munba_kernels.drivers.language", "--quick", "--no-progress", "--distributed", "fsdp2",
+           "--methods", "GradDiff,MUNBa-NPO", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp / "cache")]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "fsdp2 over 2 ranks" in proc.stdout
+    sharded = json.loads((tmp_path / "out" / "results.json").read_text())
+    single = json.loads((tmp / "out" / "results.json").read_text())
+    for method in ("GradDiff", "MUNBa-NPO"):
+        for key in ("forget_prob", "retain_prob", "general_prob", "model_utility", "forget_quality"):
+            assert sharded["methods"][method][key] == pytest.approx(
+                single["methods"][method][key], rel=1e-4, abs=1e-6
+            )

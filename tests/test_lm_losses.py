@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from lmtiny import examples, tiny_llama  # noqa: E402
+from lmtiny import examples, one_thread, tiny_llama  # noqa: E402, F401
 
 from munba_kernels.integrations import lm  # noqa: E402
 

@@ -2,13 +2,14 @@
 rouge-score and a hand-counted LCS, hand-computed truth ratios, min-k% and AUCs, the model's own
 loss, and a step-by-step greedy decode."""
 
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 pytest.importorskip("scipy")
+
+from lmtiny import one_thread  # noqa: E402, F401
 
 from munba_kernels.drivers import lm_data, lm_models  # noqa: E402
 from munba_kernels.evaluation import lm_metrics as M  # noqa: E402

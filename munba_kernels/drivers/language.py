@@ -39,6 +39,7 @@ trains LoRA adapters only.  ``--distributed fsdp2`` under torchrun shards the de
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -58,7 +59,7 @@ from munba_kernels.evaluation.report import (
     plot_tradeoff,
 )
 
-from . import lm_data, lm_models, options
+from . import lm_data, lm_models, options, parallel
 from .cache import default_cache_dir
 from .lm_unlearning import METHODS, Budget, relearn, unlearn
 
@@ -149,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the forget facts the attack relearns")  # fmt: skip
     p.add_argument("--relearn-lr", type=pos_float, default=d.relearn_lr)
     p.add_argument("--device", type=options.device, default=d.device, help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=pos_int,
+        default=None,
+        help="torch CPU threads (default: 1 for the embedded tiny model, whose kernels are too small to "
+        "split; torch's default with --pretrained)",
+    )
     p.add_argument("--out", default=d.out)
     p.add_argument(
         "--cache-dir", default=d.cache_dir, help="where target/retain models are cached ($MUNBA_CACHE_DIR)"
@@ -431,9 +438,55 @@ def _lora(cfg: Config):
     return wrap
 
 
-def run_seed(cfg: Config, seed: int) -> dict:
+def _fsdp2(ranks: parallel.Ranks, make_plain):
+    """``(wrap, shard, gather)`` for FSDP2 data parallelism over ``ranks`` (all None without it).
+
+    wrap: rank 0's weights broadcast, then every decoder layer and the root sharded with
+    ``fully_shard``; shard: this rank's rows of a batch; gather: the full weights in a plain copy
+    from ``make_plain()`` on rank 0 (a collective every rank calls; None elsewhere)."""
+    if ranks.mode != "fsdp2":
+        return None, None, None
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def wrap(model):
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t, src=0)
+        for module in list(model.modules()):
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        return fully_shard(model)
+
+    def shard(batch):
+        return {k: v[ranks.rank :: ranks.world] for k, v in batch.items()}
+
+    def gather(model):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not ranks.lead:
+            return None
+        plain = make_plain()
+        plain.load_state_dict(state)
+        return plain.eval()
+
+    return wrap, shard, gather
+
+
+def run_seed(cfg: Config, seed: int, ranks: parallel.Ranks = parallel.SINGLE_PROCESS) -> dict | None:
+    """Every method over the grid for one seed; rank 0 returns the rows (other ranks: None)."""
     corpus = load_corpus(cfg, seed)
-    tok, target, retain_model, info = prepare_models(cfg, corpus, seed)
+    if ranks.world > 1:  # rank 0 fine-tunes and caches; the others then load the cached models
+        import torch.distributed as dist
+
+        if ranks.lead:
+            prepared = prepare_models(cfg, corpus, seed)
+        dist.barrier()
+        if not ranks.lead:
+            prepared = prepare_models(cfg, corpus, seed)
+    else:
+        prepared = prepare_models(cfg, corpus, seed)
+    tok, target, retain_model, info = prepared
     rng = random.Random(seed + 7)
     n_slice = max(1, math.ceil(cfg.relearn_fraction * len(corpus.forget)))
     slice_idx = set(rng.sample(range(len(corpus.forget)), n_slice)) if len(corpus.forget) > 1 else set()
@@ -449,51 +502,60 @@ def run_seed(cfg: Config, seed: int) -> dict:
     retain_items = lm_models.examples(tok, corpus.retain)
 
     rows, grid, curves, bargains = {}, {}, {}, {}
-    reference = None
-    if retain_model is not None:
-        reference = evaluate(retain_model, tok, sets, cfg, None)
-        reference["forget_quality"] = 1.0  # its own distribution
-        reference["privleak"] = 0.0
-        rows["Retain"] = {**_public(reference), **relearn_metrics(retain_model, tok, sets, slice_items, cfg, seed),
-                          "seconds": info.get("retain_seconds")}  # fmt: skip
-    start_row = evaluate(target, tok, sets, cfg, reference)
-    rows["Target"] = {**_public(start_row), **relearn_metrics(target, tok, sets, slice_items, cfg, seed),
-                      "seconds": info.get("target_seconds")}  # fmt: skip
+    reference, start_row = None, None
+    if ranks.lead:
+        if retain_model is not None:
+            reference = evaluate(retain_model, tok, sets, cfg, None)
+            reference["forget_quality"] = 1.0  # its own distribution
+            reference["privleak"] = 0.0
+            rows["Retain"] = {**_public(reference), **relearn_metrics(retain_model, tok, sets, slice_items, cfg, seed),
+                              "seconds": info.get("retain_seconds")}  # fmt: skip
+        start_row = evaluate(target, tok, sets, cfg, reference)
+        rows["Target"] = {**_public(start_row), **relearn_metrics(target, tok, sets, slice_items, cfg, seed),
+                          "seconds": info.get("target_seconds")}  # fmt: skip
     budget = Budget(steps=cfg.steps, forget_batch=cfg.forget_batch, retain_batch=cfg.retain_batch,
                     max_grad_norm=cfg.max_grad_norm, npo_beta=cfg.npo_beta, seed=seed)  # fmt: skip
     eval_at = tuple(
         sorted({max(1, round(cfg.steps * (i + 1) / cfg.curve_points)) for i in range(cfg.curve_points)})
     )
-    start_point = {
-        "step": 0,
-        "forget_quality": start_row["forget_quality"],
-        "model_utility": start_row["model_utility"],
-    }
-    jobs = [(m, lr) for m in cfg.methods for lr in cfg.lrs]
-    runs = {}
-    for method, lr in tqdm(jobs, desc=f"seed {seed}: unlearning", disable=not cfg.progress):
-        run = unlearn(
-            method, target, forget_items, retain_items, lr=lr, budget=budget, device=cfg.device,
-            pad_token_id=tok.pad_token_id or 0, eval_at=eval_at, wrap=_lora(cfg),
-            evaluate=lambda m: evaluate(m, tok, sets, cfg, reference), progress=False,
-        )  # fmt: skip
-        final = run.curve[-1]
-        runs[(method, lr)] = run
-        grid.setdefault(method, {})[lr] = {**_public(final), "seconds": run.seconds}
-        curves.setdefault(method, {})[lr] = [start_point] + [
-            {"step": c["step"], "forget_quality": c["forget_quality"], "model_utility": c["model_utility"]}
-            for c in run.curve
-        ]
-    for method in cfg.methods:
-        lr = select(grid[method])
-        run = runs[(method, lr)]
-        attack = relearn_metrics(run.model, tok, sets, slice_items, cfg, seed)
-        rows[method] = {**grid[method][lr], **attack, "lr": lr, "settings": run.settings}
-        if run.bargain:
-            bargains[method] = run.bargain
-        for (m, _), r in list(runs.items()):
-            if m == method:
-                r.model = None  # free memory
+    lora = _lora(cfg)
+    make_plain = (lambda: lora(copy.deepcopy(target))) if lora else (lambda: copy.deepcopy(target))
+    fsdp_wrap, shard, gather = _fsdp2(ranks, make_plain)
+    wrap = (lambda m: fsdp_wrap(lora(m))) if (lora and fsdp_wrap) else (fsdp_wrap or lora)
+    last = {}
+
+    def evaluate_run(model):
+        plain = gather(model) if gather else model
+        last["model"] = plain
+        return evaluate(plain, tok, sets, cfg, reference) if ranks.lead else {}
+
+    progress = cfg.progress and ranks.lead
+    for method in tqdm(cfg.methods, desc=f"seed {seed}: methods", disable=not progress):
+        runs = {}
+        for lr in cfg.lrs:
+            run = unlearn(
+                method, target, forget_items, retain_items, lr=lr, budget=budget, device=cfg.device,
+                pad_token_id=tok.pad_token_id or 0, eval_at=eval_at, wrap=wrap, shard=shard,
+                evaluate=evaluate_run, progress=progress,
+            )  # fmt: skip
+            run.model = last.pop("model")
+            runs[lr] = run
+            if ranks.lead:
+                grid.setdefault(method, {})[lr] = {**_public(run.curve[-1]), "seconds": run.seconds}
+                curves.setdefault(method, {})[lr] = [
+                    {"step": 0, "forget_quality": start_row["forget_quality"], "model_utility": start_row["model_utility"]},
+                    *({k: c[k] for k in ("step", "forget_quality", "model_utility")} for c in run.curve),
+                ]  # fmt: skip
+        if ranks.lead:
+            lr = select(grid[method])
+            run = runs[lr]
+            attack = relearn_metrics(run.model, tok, sets, slice_items, cfg, seed)
+            rows[method] = {**grid[method][lr], **attack, "lr": lr, "settings": run.settings}
+            if run.bargain:
+                bargains[method] = run.bargain
+        runs.clear()  # one method's models at a time
+    if not ranks.lead:
+        return None
     return {"rows": rows, "grid": grid, "curves": curves, "bargain": bargains, "info": info}
 
 
@@ -526,7 +588,9 @@ def results_table(methods: dict, seeds: int, title: str) -> str:
         cells[name] = {}
         for col in REPORT_COLUMNS:
             value = row.get(col)
-            if isinstance(value, float) and seeds > 1 and f"{col}_std" in row:
+            if isinstance(value, list):  # per-seed learning rates
+                cells[name][col] = ", ".join(f"{v:g}" for v in value)
+            elif isinstance(value, float) and seeds > 1 and f"{col}_std" in row:
                 cells[name][col] = f"{_fmt(value, col)} ± {_fmt(row[f'{col}_std'], col)}"
             else:
                 cells[name][col] = (
@@ -536,6 +600,8 @@ def results_table(methods: dict, seeds: int, title: str) -> str:
 
 
 def _fmt(value: float, col: str) -> str:
+    if col == "lr":
+        return f"{value:g}"
     if col == "forget_quality":
         return f"{value:.2g}" if value < 0.01 else f"{value:.3f}"
     if col in ("seconds", "privleak"):
@@ -543,12 +609,14 @@ def _fmt(value: float, col: str) -> str:
     return f"{value:.3f}"
 
 
-def check_before_work(cfg: Config) -> None:
-    """Up-front checks (one-line errors naming the option): --out and --cache-dir writable, model
-    folders local, JSONL files readable."""
-    options.check_writable_dir("--out", cfg.out)
+def check_before_work(cfg: Config, ranks: parallel.Ranks = parallel.SINGLE_PROCESS) -> None:
+    """Up-front checks (one-line errors naming the option): --out and --cache-dir writable (on the
+    rank that writes them), model folders local, JSONL files readable."""
+    if ranks.lead:
+        options.check_writable_dir("--out", cfg.out)
     if cfg.pretrained is None:
-        options.check_writable_dir("--cache-dir", cfg.cache_dir)
+        if ranks.lead:
+            options.check_writable_dir("--cache-dir", cfg.cache_dir)
     else:
         check_local_model_dir("--pretrained", cfg.pretrained)
     if cfg.retain_model is not None:
@@ -603,35 +671,43 @@ def write_report(cfg: Config, results: dict, per_seed: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     cfg = parse_args(argv, parser)
-    with options.usage_errors(parser):
-        check_before_work(cfg)
+    ranks = parallel.SINGLE_PROCESS
+    if cfg.distributed:
+        ranks, cfg.device = parallel.init(cfg.distributed, cfg.device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    start = time.perf_counter()
-    per_seed = []
+    torch.set_num_threads(cfg.threads or (1 if cfg.pretrained is None and cfg.device == "cpu" else threads))
     try:
+        with options.usage_errors(parser):
+            check_before_work(cfg, ranks)
+        start = time.perf_counter()
+        per_seed = []
         for seed in range(cfg.seeds):
             with options.usage_errors(parser):  # e.g. a tokenizer that does not match --pretrained
-                per_seed.append(run_seed(cfg, seed))
+                per_seed.append(run_seed(cfg, seed, ranks))
+        if not ranks.lead:
+            return {}
+        methods = aggregate(per_seed)
+        results = {
+            "config": asdict(cfg),
+            "selection_rule": SELECTION_RULE,
+            "methods": methods,
+            "grid": [s["grid"] for s in per_seed],
+            "curves": [s["curves"] for s in per_seed],
+            "bargain": [s["bargain"] for s in per_seed],
+            "models": [s["info"] for s in per_seed],
+            "wall_seconds": time.perf_counter() - start,
+        }
+        table = write_report(cfg, results, per_seed)
+        print("\n" + table)
+        print(
+            f"wrote {Path(cfg.out) / 'results.json'}, results.md, metrics.png, tradeoff.png "
+            f"({results['wall_seconds']:.0f}s)"
+            + (f"; fsdp2 over {ranks.world} ranks" if ranks.world > 1 else "")
+        )
+        return results
     finally:
         torch.set_num_threads(threads)
-    methods = aggregate(per_seed)
-    results = {
-        "config": asdict(cfg),
-        "selection_rule": SELECTION_RULE,
-        "methods": methods,
-        "grid": [s["grid"] for s in per_seed],
-        "curves": [s["curves"] for s in per_seed],
-        "bargain": [s["bargain"] for s in per_seed],
-        "models": [s["info"] for s in per_seed],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    table = write_report(cfg, results, per_seed)
-    print("\n" + table)
-    print(
-        f"wrote {Path(cfg.out) / 'results.json'}, results.md, metrics.png, tradeoff.png ({results['wall_seconds']:.0f}s)"
-    )
-    return results
+        parallel.shutdown(ranks)
 
 
 if __name__ == "__main__":

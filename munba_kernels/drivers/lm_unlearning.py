@@ -100,6 +100,7 @@ def unlearn(
         opt = torch.optim.AdamW(params, **common)
     settings = {
         "optimizer": type(opt).__name__,
+        "trainable_parameters": sum(p.numel() for p in params),
         **common,
         "max_grad_norm": budget.max_grad_norm,
         "forget_loss": forget_kind,
