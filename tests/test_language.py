@@ -4,6 +4,7 @@ one-line errors for bad input before any training."""
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
@@ -243,3 +244,37 @@ def test_fsdp2_over_two_ranks_matches_one_process(quick_run, tmp_path):
             assert sharded["methods"][method][key] == pytest.approx(
                 single["methods"][method][key], rel=1e-4, abs=1e-6
             )
+
+
+def test_the_selection_rule():
+    rows = {
+        1e-4: {"forget_quality": 0.01, "model_utility": 0.9},  # best utility but forgets too little
+        3e-4: {"forget_quality": 0.3, "model_utility": 0.5},
+        1e-3: {"forget_quality": 0.9, "model_utility": 0.2},
+    }
+    assert language.select(rows) == 3e-4
+    rows[3e-4]["forget_quality"] = 0.04
+    assert language.select(rows) == 1e-3  # the only one passing the threshold
+    rows[1e-3]["forget_quality"] = 0.02
+    assert language.select(rows) == 3e-4  # none passes: the highest forget quality
+    rows[1e-4]["forget_quality"] = None  # not computable: never preferred
+    assert language.select(rows) == 3e-4
+
+
+def test_the_relearning_attack_fine_tunes_a_copy_towards_the_slice():
+    from munba_kernels.drivers.lm_unlearning import relearn
+    from munba_kernels.evaluation import lm_metrics as M
+
+    corpus = lm_data.generate(0, n_people=3, facts_per_person=2, n_countries=1)
+    tok = lm_models.build_tokenizer(corpus.texts())
+    model = lm_models.tiny_llama(len(tok), lm_models.ModelSize(16, 1, 2, 32)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qas = corpus.forget[:2]
+
+    def prob(m):
+        lps = M.answer_token_logprobs(m, tok, [q.question for q in qas], [q.answer for q in qas])
+        return sum(M.normalised_probability(t) for t in lps)
+
+    attacked = relearn(model, lm_models.examples(tok, qas), steps=10, lr=1e-2, batch_size=8, seed=0)
+    assert prob(attacked) > 2 * prob(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched

@@ -101,7 +101,7 @@ class Config:
     mia_k: float = 0.4
     relearn_fraction: float = 0.25
     relearn_steps: int = 20
-    relearn_lr: float = 1e-3
+    relearn_lr: float = 3e-4
     max_new_tokens: int = 24
     device: str = "cpu"
     threads: int | None = None
