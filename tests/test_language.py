@@ -54,6 +54,7 @@ def test_quick_end_to_end_writes_every_method_in_the_drivers_layout(quick_run):
     ):
         assert (out / name).stat().st_size > 0, name
     assert "| MUNBa-NPO |" in (out / "results.md").read_text()
+    assert "Trade-off frontier" in (out / "results.md").read_text() and set(saved["frontier"]) == set(METHODS)
 
 
 def test_every_two_objective_method_ran_with_the_same_settings(quick_run):
@@ -278,3 +279,15 @@ def test_the_relearning_attack_fine_tunes_a_copy_towards_the_slice():
     attacked = relearn(model, lm_models.examples(tok, qas), steps=10, lr=1e-2, batch_size=8, seed=0)
     assert prob(attacked) > 2 * prob(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+
+
+def test_the_frontier_takes_the_best_utility_at_each_forget_quality():
+    point = lambda step, fq, mu: {"step": step, "forget_quality": fq, "model_utility": mu}  # noqa: E731
+    seed0 = {"A": {1e-4: [point(0, 0.9, 0.99), point(5, 0.2, 0.6), point(10, 0.6, 0.4)],
+                   1e-3: [point(5, 0.7, 0.5), point(10, None, 0.9)]}}  # fmt: skip
+    seed1 = {"A": {1e-4: [point(5, 0.04, 0.8)], 1e-3: [point(5, 0.3, 0.3)]}}
+    front = language.frontier([seed0, seed1], thresholds=(0.05, 0.5))
+    # step 0 (the target) and points without a forget quality never count
+    assert front == {"A": {"0.05": [0.6, 0.3], "0.5": [0.5, None]}}
+    table = language.frontier_table(front)
+    assert "| A | 0.450 ± 0.212 | – (1 seed(s) never reach it) |" in table

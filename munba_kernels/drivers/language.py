@@ -630,6 +630,50 @@ def check_before_work(cfg: Config, ranks: parallel.Ranks = parallel.SINGLE_PROCE
             raise options.OptionError("--lora needs peft (the optional extra [hf])") from None
 
 
+FRONTIER_THRESHOLDS = (0.05, 0.1, 0.3, 0.5)
+
+
+def frontier(curves: list[dict], thresholds=FRONTIER_THRESHOLDS) -> dict[str, dict]:
+    """The trade-off frontier: per method and seed, the highest model utility of any evaluated point
+    (any learning rate of the grid, any step along training) whose forget quality reaches each
+    threshold; ``None`` where no point does.  Dominance reads off it: higher utility at equal or
+    better forget quality.  Every method gets the same points per run, so the (optimistic) choice
+    is the same for all."""
+    out = {}
+    for method in curves[0]:
+        out[method] = {}
+        for t in thresholds:
+            best = []
+            for seed_curves in curves:
+                points = [p for pts in seed_curves[method].values() for p in pts if p["step"] > 0]
+                ok = [
+                    p["model_utility"]
+                    for p in points
+                    if p["forget_quality"] is not None and p["forget_quality"] >= t
+                ]
+                best.append(max(ok) if ok else None)
+            out[method][f"{t:g}"] = best
+    return out
+
+
+def frontier_table(front: dict) -> str:
+    thresholds = list(next(iter(front.values())))
+    lines = ["| method | " + " | ".join(f"utility at FQ ≥ {t}" for t in thresholds) + " |",
+             "|---|" + "---:|" * len(thresholds)]  # fmt: skip
+    for method, row in front.items():
+        cells = []
+        for t in thresholds:
+            values = [v for v in row[t] if v is not None]
+            if len(values) < len(row[t]):
+                cells.append(f"– ({len(row[t]) - len(values)} seed(s) never reach it)" if values else "–")
+            elif len(values) > 1:
+                cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
+            else:
+                cells.append(f"{values[0]:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(cfg: Config, results: dict, per_seed: list[dict]) -> str:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -648,6 +692,12 @@ def write_report(cfg: Config, results: dict, per_seed: list[dict]) -> str:
         "goal); mia_auc: min-k% MIA, forget vs holdout (0.5 = no leak); relearn_*: on forget facts not "
         f"relearned, after the relearning attack; seconds: unlearning only. Selection: {SELECTION_RULE}.\n"
     )
+    if results.get("frontier"):
+        table += (
+            "\n### Trade-off frontier: the best model utility at a given forget quality\n\n"
+            "Any learning rate of the grid, any evaluated step (tradeoff.png); mean ± std over seeds.\n\n"
+            + frontier_table(results["frontier"])
+        )
     (out / "results.md").write_text(table)
     plot_rows = {
         n: {m: r.get(m) for m in PLOT_METRICS if r.get(m) is not None} for n, r in results["methods"].items()
@@ -693,6 +743,7 @@ def main(argv: list[str] | None = None) -> dict:
             "methods": methods,
             "grid": [s["grid"] for s in per_seed],
             "curves": [s["curves"] for s in per_seed],
+            "frontier": frontier([s["curves"] for s in per_seed]),
             "bargain": [s["bargain"] for s in per_seed],
             "models": [s["info"] for s in per_seed],
             "wall_seconds": time.perf_counter() - start,
