@@ -213,7 +213,8 @@ class MUNBaOptimizer(Optimizer):
         validation.check_step_norm(
             self.bargaining_power,
             self.max_grad_norm,
-            (self._state_dtype_for(p) for p in group["params"]),
+            # d is rounded to the parameter dtype and stored in the state dtype: both must hold it
+            (dtype for p in group["params"] for dtype in (p.dtype, self._state_dtype_for(p))),
         )
         distributed.check_fsdp1(group["params"], self.gram_process_group)
         self._check_single_device()
@@ -533,11 +534,15 @@ class MUNBaOptimizer(Optimizer):
                 if p not in self.state:
                     continue
                 st = validation.normalise_loaded_state(self.state[p], group, p, f"{where}params[{i}]: ")
+                # Copies (copy=True): the kernels update states in place, which must never reach
+                # the caller's state dict (torch's own load can alias tensors it does not cast).
                 for key, value in saved_state.get(saved_index, {}).items():
                     if key == "step" and isinstance(value, Tensor):  # fused kernels keep the count on the device
-                        st[key] = value.to(device=p.device, dtype=torch.float32)
+                        st[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                     elif isinstance(value, Tensor) and value.is_floating_point():
-                        st[key] = value.to(device=p.device, dtype=self._state_dtype_for(p))
+                        st[key] = value.to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
+                    elif isinstance(value, Tensor):  # torch would quietly cast it to a float
+                        raise TypeError(f"{where}params[{i}]: state[{key!r}] has non-floating dtype {value.dtype}")
                 try:
                     validation.check_state(p, st, group, self._state_dtype_for(p))
                 except (ValueError, TypeError) as err:
