@@ -1,4 +1,4 @@
-"""Closed-form Nash bargaining between a *forget* player and a *preserve* player.
+"""Nash bargaining: the closed form for two players, the dispatch for K (``bargaining_k``).
 
 Everything here is element-wise tensor math on the three Gram entries
 ``(ff, fr, rr) = (g_f·g_f, g_f·g_r, g_r·g_r)``.  It runs on any device, batches over
@@ -46,6 +46,11 @@ Degenerate cases (the policy; each has a status code):
   then exceed fp32's range (a gradient of norm 1e-40 has α ≈ 1e40); the kernels apply
   them scale-safely (:func:`munba_kernels.backends.base.kernel_coefficients`).
 
+K ≥ 3 players (several forget objectives and the preserve one): Grams are packed
+``[..., K(K+1)/2]`` (upper triangle row by row; K = 2 is ``(ff, fr, rr)``) and solved by
+:mod:`munba_kernels.bargaining_k` (fixed-iteration Newton on the device).  A zero player is
+dropped (``PLAYER_ZERO``), Pareto-stationary gradients give ``OPPOSED``.
+
 Bargaining power: each ``w`` must lie in ``POWER_RANGE`` ([1e-150, 1e150]), so the
 quadratic's products ``w_f·w_r`` and ``(c·(w_r − w_f))²`` stay inside float64.  Only the
 ratio ``w_f / w_r`` shapes the direction; the sum sets ‖d‖² (the optimizer bounds it by
@@ -61,6 +66,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import bargaining_k
 
 __all__ = [
     "BargainStatus",
@@ -91,46 +98,50 @@ class BargainStatus(enum.IntEnum):
     OPPOSED = 4
     NONFINITE = 5
     OUT_OF_RANGE = 6
+    PLAYER_ZERO = 7  # K ≥ 3: some players' gradients are zero; the others bargain
+    ALL_ZERO = 3  # K ≥ 3 spelling of BOTH_ZERO
 
 
-#: Statuses from this code up skip the optimizer step entirely.
-_FIRST_SKIPPING_STATUS = int(BargainStatus.NONFINITE)
+_SKIPPING = (int(BargainStatus.NONFINITE), int(BargainStatus.OUT_OF_RANGE))
 
 
 class Bargain(NamedTuple):
     """Result of one bargain; every field is a device tensor (batched over ``...``)."""
 
-    alpha: Tensor  # [..., 2] (alpha_f, alpha_r), the Nash weights before any clipping
-    cos: Tensor  # [...] cos φ between g_f and g_r (0 when a gradient is zero)
-    gram: Tensor  # [..., 3] (ff, fr, rr) in the compute dtype
+    alpha: Tensor  # [..., K] the Nash weights before any clipping ((alpha_f, alpha_r) for two players)
+    cos: Tensor  # [...] cos φ between the first and the last player (forget, preserve); 0 if one is zero
+    gram: Tensor  # [..., K(K+1)/2] packed Gram ((ff, fr, rr) for two) in the compute dtype
     status: Tensor  # [...] int32 BargainStatus codes
     direction_norm: Tensor  # [...] ‖d‖ before clipping
     clip_scale: Tensor  # [...] factor in (0, 1] applied by max_grad_norm (1 without clip)
-    coefficients: Tensor  # [..., 2] weights actually applied to (g_f, g_r): alpha × clip_scale
+    coefficients: Tensor  # [..., K] weights actually applied to the gradients: alpha × clip_scale
+    cosines: Tensor | None = None  # [..., K, K] cosine matrix (identity rows for zero players)
 
     @property
     def skipped(self) -> Tensor:
         """Boolean tensor: the optimizer skipped this step (``NONFINITE`` or ``OUT_OF_RANGE``)."""
-        return self.status >= _FIRST_SKIPPING_STATUS  # an int: torch.compile cannot compare with an IntEnum
+        # ints, not IntEnum members: torch.compile cannot compare a tensor with an IntEnum
+        return (self.status == _SKIPPING[0]) | (self.status == _SKIPPING[1])
 
 
-def validate_power(power: Sequence[float]) -> tuple[float, float]:
-    """Return ``power`` as two floats in :data:`POWER_RANGE` or raise a ``ValueError`` naming it."""
+def validate_power(power: Sequence[float], players: int = 2) -> tuple[float, ...]:
+    """Return ``power`` as ``players`` floats in :data:`POWER_RANGE` or raise a ``ValueError`` naming it."""
     try:
-        w_f, w_r = (float(w) for w in power)
+        values = tuple(float(w) for w in power)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"bargaining_power must be a pair (w_forget, w_preserve) of floats, got {power!r}"
-        ) from None
-    if not (math.isfinite(w_f) and math.isfinite(w_r) and w_f > 0 and w_r > 0):
-        raise ValueError(f"bargaining_power entries must be positive and finite, got {(w_f, w_r)!r}")
+        values = ()
+    if len(values) != players:
+        names = "a pair (w_forget, w_preserve)" if players == 2 else f"{players} powers, one per player,"
+        raise ValueError(f"bargaining_power must be {names} of floats, got {power!r}")
+    if not all(math.isfinite(w) and w > 0 for w in values):
+        raise ValueError(f"bargaining_power entries must be positive and finite, got {values!r}")
     low, high = POWER_RANGE
-    if not (low <= w_f <= high and low <= w_r <= high):
+    if not all(low <= w <= high for w in values):
         raise ValueError(
-            f"bargaining_power entries must lie in [{low:g}, {high:g}] (only their ratio shapes the "
-            f"direction; their sum is ‖d‖²), got {(w_f, w_r)!r}"
+            f"bargaining_power entries must lie in [{low:g}, {high:g}] (only their ratios shape the "
+            f"direction; their sum is ‖d‖²), got {values!r}"
         )
-    return w_f, w_r
+    return values
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -140,36 +151,45 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 def solve_bargain(
     gram: Tensor,
-    power: Sequence[float] = (1.0, 1.0),
+    power: Sequence[float] | None = None,
     *,
     opposition_tol: float = DEFAULT_OPPOSITION_TOL,
     max_norm: float | None = None,
     gradient_flags: Tensor | None = None,
 ) -> Bargain:
-    """Solve the two-player bargaining problem for Gram entries ``gram[..., :] = (ff, fr, rr)``.
+    """Solve the bargaining problem for packed Grams ``gram[..., K(K+1)/2]`` (K = 2: ``(ff, fr, rr)``).
 
     Returns a :class:`Bargain` whose tensors live on ``gram``'s device, computed in
     float64 (float32 on MPS).  ``max_norm`` adds a clip scale so that
     ``‖coefficients · (g_f, g_r)‖ ≤ max_norm``, using ``‖d‖`` known from the solve.
 
-    ``gradient_flags`` (optional, ``[..., 3]``): how many tensors hold a non-zero forget
-    gradient, a non-zero preserve gradient, and a NaN/Inf.  Without them zero and
+    ``gradient_flags`` (optional, ``[..., K + 1]``): how many tensors hold a non-zero
+    gradient of each player, and how many a NaN/Inf.  Without them zero and
     non-finite gradients are read off the Gram, which is exact unless a float64 Gram
     under- or overflowed (``OUT_OF_RANGE`` in the module docstring).
     """
-    if gram.shape[-1:] != (3,):
-        raise ValueError(f"gram must have shape [..., 3] = (ff, fr, rr), got {tuple(gram.shape)}")
+    if gram.dim() == 0:
+        raise ValueError("gram must have shape [..., K(K+1)/2] (packed upper triangle), got a scalar")
+    try:
+        players = bargaining_k.players_of(gram.shape[-1])
+    except ValueError:
+        raise ValueError(
+            f"gram must have shape [..., K(K+1)/2] (packed upper triangle; [..., 3] = (ff, fr, rr) for "
+            f"two players), got {tuple(gram.shape)}"
+        ) from None
     if not gram.is_floating_point():
         raise TypeError(f"gram must be a floating-point tensor, got {gram.dtype}")
-    w_f, w_r = validate_power(power)
+    weights = validate_power((1.0,) * players if power is None else power, players)
     if not (opposition_tol >= 0 and math.isfinite(opposition_tol)):
         raise ValueError(f"opposition_tol must be a finite number >= 0, got {opposition_tol!r}")
     if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
         raise ValueError(f"max_norm must be positive and finite or None, got {max_norm!r}")
-    if gradient_flags is not None and gradient_flags.shape != gram.shape:
-        raise ValueError(
-            f"gradient_flags must have the Gram's shape {tuple(gram.shape)}, got {tuple(gradient_flags.shape)}"
-        )
+    flags_shape = (*gram.shape[:-1], players + 1)
+    if gradient_flags is not None and tuple(gradient_flags.shape) != flags_shape:
+        raise ValueError(f"gradient_flags must have shape {flags_shape}, got {tuple(gradient_flags.shape)}")
+    if players > 2:
+        return _solve_many(gram, weights, opposition_tol, max_norm, gradient_flags)
+    w_f, w_r = weights
 
     dtype = _compute_dtype(gram)
     g = gram.to(dtype)
@@ -228,37 +248,84 @@ def solve_bargain(
     ):
         status = torch.where(mask, int(code), status)
 
+    alpha = torch.stack([alpha_f, alpha_r], dim=-1)
+    ones = torch.ones_like(cos)
+    cosines = torch.stack([torch.stack([ones, cos], -1), torch.stack([cos, ones], -1)], -2)
+    return _finish(alpha, cos, cosines, g, status, norm_sq, max_norm)
+
+
+def _finish(alpha, cos, cosines, gram, status, norm_sq, max_norm) -> Bargain:
+    """The clip and the Bargain, shared by the two-player and the K-player solve."""
     norm = norm_sq.sqrt()
     if max_norm is None:
         clip = torch.ones_like(norm)
     else:
-        clip = torch.where(norm > max_norm, max_norm / torch.where(norm > 0, norm, one), 1.0)
-    alpha = torch.stack([alpha_f, alpha_r], dim=-1)
+        clip = torch.where(norm > max_norm, max_norm / torch.where(norm > 0, norm, torch.ones_like(norm)), 1.0)
     return Bargain(
         alpha=alpha,
         cos=cos,
-        gram=g,
+        gram=gram,
         status=status,
         direction_norm=norm,
         clip_scale=clip,
         coefficients=alpha * clip.unsqueeze(-1),
+        cosines=cosines,
     )
 
 
-def bargaining_weights(gram: Tensor, power: Sequence[float] = (1.0, 1.0)) -> Tensor:
-    """Nash bargaining weights ``[alpha_f, alpha_r]`` for a 2×2 Gram matrix.
+def _solve_many(gram, weights, opposition_tol, max_norm, gradient_flags) -> Bargain:
+    """K ≥ 3 players: classify the degenerate cases as for two, solve with :mod:`.bargaining_k`."""
+    players = len(weights)
+    dtype = _compute_dtype(gram)
+    g = gram.to(dtype)
+    diagonal = [index for index, (i, j) in enumerate(bargaining_k.pairs(players)) if i == j]
+    diag = g[..., diagonal]
+    if gradient_flags is None:
+        finite = torch.isfinite(g).all(-1)
+        zero = diag <= 0
+    else:
+        flags = gradient_flags.to(dtype)
+        finite = flags[..., -1] == 0
+        zero = flags[..., :-1] == 0
+    info = torch.finfo(dtype)
+    representable = (diag >= info.tiny) & (diag <= info.max)
+    out_of_range = finite & (~zero & ~representable).any(-1)
+    alpha, cosines, norm_sq, some_zero, all_zero, opposed = bargaining_k.solve(
+        g, weights, opposition_tol=opposition_tol, finite=finite, zero=zero, out_of_range=out_of_range
+    )
+    status = torch.full_like(finite, BargainStatus.OK, dtype=torch.int32)
+    for mask, code in (
+        (some_zero, BargainStatus.PLAYER_ZERO),
+        (all_zero, BargainStatus.ALL_ZERO),
+        (opposed, BargainStatus.OPPOSED),
+        (out_of_range, BargainStatus.OUT_OF_RANGE),
+        (~finite, BargainStatus.NONFINITE),
+    ):
+        status = torch.where(mask, int(code), status)
+    usable = finite & ~out_of_range
+    alpha = torch.where(usable.unsqueeze(-1), alpha, 0.0)
+    norm_sq = torch.where(usable, norm_sq, 0.0)
+    cos = torch.where(usable & ~zero[..., 0] & ~zero[..., -1], cosines[..., 0, -1], 0.0)
+    return _finish(alpha, cos, cosines, g, status, norm_sq, max_norm)
 
-    ``gram[..., :, :]`` is ``[[g_f·g_f, g_f·g_r], [g_r·g_f, g_r·g_r]]`` ordered
-    (forget, preserve); the off-diagonal entry ``[0, 1]`` is used.  ``power`` is the
-    bargaining power ``(w_f, w_r)``; the weights solve ``(GᵀG) α = w / α``.
-    Degenerate inputs follow the policy in this module's docstring (α = 0 for the
-    players that cannot bargain).  The result has shape ``[..., 2]`` and dtype
-    float64 for float64 input, float32 otherwise.
+
+def bargaining_weights(gram: Tensor, power: Sequence[float] | None = None) -> Tensor:
+    """Nash bargaining weights ``α`` (``[alpha_f, alpha_r]`` for two players) for K×K Gram matrices.
+
+    ``gram[..., :, :]`` is ``GᵀG`` of the players' gradients (for two, ``[[g_f·g_f, g_f·g_r],
+    [g_r·g_f, g_r·g_r]]`` ordered (forget, preserve)); the upper triangle is used.
+    ``power`` is the bargaining power, one entry per player (default all 1); the weights
+    solve ``(GᵀG) α = w / α``.  Degenerate inputs follow the policy in this module's
+    docstring (α = 0 for the players that cannot bargain).  The result has shape ``[..., K]``
+    and dtype float64 for float64 input, float32 otherwise.
     """
     if not isinstance(gram, Tensor):
         gram = torch.as_tensor(gram, dtype=torch.float64)
-    if gram.shape[-2:] != (2, 2):
-        raise ValueError(f"gram must have shape [..., 2, 2], got {tuple(gram.shape)}")
-    entries = torch.stack([gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]], dim=-1)
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2] or gram.shape[-1] < 2:
+        raise ValueError(f"gram must have shape [..., K, K] with K >= 2 ([..., 2, 2] for two players), got {tuple(gram.shape)}")
+    players = gram.shape[-1]
+    power = (1.0,) * players if power is None else power
+    rows, cols = zip(*bargaining_k.pairs(players))
+    entries = gram[..., list(rows), list(cols)]
     out_dtype = torch.float64 if gram.dtype == torch.float64 else torch.float32
     return solve_bargain(entries, power).alpha.to(out_dtype)

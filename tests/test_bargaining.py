@@ -175,7 +175,8 @@ def test_solver_does_not_synchronise_or_leave_the_device():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(gram=torch.ones(3, 3)), r"\[\.\.\., 2, 2\]"),
+        (dict(gram=torch.ones(3, 2)), r"\[\.\.\., 2, 2\]"),
+        (dict(gram=torch.eye(3), power=(1.0, 1.0)), "3 powers"),
         (dict(gram=torch.eye(2), power=(1.0, -1.0)), "positive and finite"),
         (dict(gram=torch.eye(2), power=(1.0,)), "pair"),
         (dict(gram=torch.eye(2), power=(1.0, math.nan)), "positive and finite"),

@@ -73,7 +73,7 @@ def _gram(forget: Sequence[Tensor | None], preserve: Sequence[Tensor | None], de
         for start in range(0, like.numel(), slab):
             fs, rs = (None if g is None else g[start : start + slab].to(torch.float64) for g in (f, r))
             partials.append(_chunk_sums(fs, rs))
-    return torch.cat(partials).cumsum(0)[-1]
+    return torch.cat(partials).cumsum(0)[-1].clone()  # its own storage, as the fake result
 
 
 def _in_memory_order(g: Tensor, like: Tensor) -> Tensor:
