@@ -43,7 +43,12 @@ def _pyplot():
 
 
 def plot_metric_bars(
-    methods: dict[str, dict], metrics: Sequence[str], path: str | Path, title: str = ""
+    methods: dict[str, dict],
+    metrics: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    ylabel: str = "%",
+    ylim: tuple[float, float] = (0, 125),
 ) -> None:
     """Grouped bars of ``metrics`` per method, plus a panel of run time when present."""
     plt = _pyplot()
@@ -62,8 +67,8 @@ def plot_metric_bars(
         values = [methods[n].get(metric, float("nan")) for n in names]
         ax.bar([x + i * width for x in range(len(names))], values, width, label=metric)
     ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(names))], names, rotation=20)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 125)  # headroom so the legend never covers a bar
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)  # headroom so the legend never covers a bar
     ax.legend(ncols=len(metrics), fontsize="small", loc="upper center")
     ax.set_title(title)
     if has_time:
@@ -125,6 +130,33 @@ def plot_relearn(
     axes[0][-1].legend(fontsize="small")
     if title:
         fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(curves: dict, chosen: dict, path: str | Path, title: str = "") -> None:
+    """Model utility against forget quality along training, one line per method: its chosen learning
+    rate bold, the other rates of its grid faint.  ``curves[method][lr]`` = ``[{"step",
+    "forget_quality", "model_utility"}, ...]`` (forget quality on a log axis)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, by_lr) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        for lr, points in by_lr.items():
+            xs = [max(p["forget_quality"] or 0.0, 1e-12) for p in points]
+            ys = [p["model_utility"] for p in points]
+            bold = lr == chosen.get(method)
+            ax.plot(xs, ys, "-o", color=colour, alpha=1.0 if bold else 0.25, lw=2 if bold else 1, ms=4 if bold else 2,
+                    label=f"{method} (lr {lr:g})" if bold else None)  # fmt: skip
+            ax.annotate("end", (xs[-1], ys[-1]), fontsize=6, color=colour, alpha=0.8 if bold else 0.0)
+    ax.set_xscale("log")
+    ax.axvline(0.05, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("forget quality (KS p-value vs retain model, log)")
+    ax.set_ylabel("model utility")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
