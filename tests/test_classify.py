@@ -204,7 +204,7 @@ def test_hard_scenario_forgets_the_samples_the_original_fits_best(tmp_path):
     [
         (["--methods", "FT,SalUn"], "unknown"),
         (["--max-grad-norm", "-1"], "--max-grad-norm"),
-        (["--power", "0"], "bargaining_power"),
+        (["--power", "0"], "--power"),
         (["--seeds", "0"], "at least 1"),
         (["--scenario", "sideways"], "invalid choice"),
     ],

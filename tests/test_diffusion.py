@@ -258,7 +258,7 @@ def test_relearn_checkpoints_train_a_copy_and_yield_on_schedule(unet):
     [
         (["--methods", "MUNBa,SalUn"], "--methods"),
         (["--max-grad-norm", "0"], "--max-grad-norm"),
-        (["--power-threshold", "2"], "power_threshold"),
+        (["--power-threshold", "2"], "--power-threshold"),
         (["--image-size", "0"], "--image-size"),
     ],
 )
