@@ -10,13 +10,13 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo toy test test-all lint clean
+.PHONY: setup data demo toy language test test-all lint clean
 
 $(STAMP): pyproject.toml setup.py csrc/munba_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,drivers]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,drivers,hf]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,6 +35,10 @@ demo: setup data
 # Seconds: a small MLP on generated clusters, MUNBa vs the summed gradient.
 toy: setup
 	$(PY) -m munba_kernels.drivers.toy
+
+# TOFU-style language-model unlearning on generated facts and a tiny Llama (a few minutes on 2 cores).
+language: setup
+	$(PY) -m munba_kernels.drivers.language --out runs/language
 
 # MUNBA_REQUIRE_CPP=1: a missing C++ extension fails the suite instead of skipping its tests.
 test: setup

@@ -1,5 +1,6 @@
 """The classification driver on scikit-learn's digits: every method, the CLI end to end, caching."""
 
+import copy
 import json
 import math
 import re
@@ -33,8 +34,6 @@ def original(digits_split):
 
 @pytest.mark.parametrize("method", unlearning.METHODS)
 def test_every_method_changes_the_model_and_keeps_it_finite(method, digits_split, original):
-    import copy
-
     model = copy.deepcopy(original)
     run = unlearning.unlearn(
         method,
@@ -42,10 +41,10 @@ def test_every_method_changes_the_model_and_keeps_it_finite(method, digits_split
         digits_split.forget,
         digits_split.retain,
         num_classes=10,
-        epochs=1,
         lr=0.01,
         batch_size=64,
         seed=0,
+        recipe=unlearning.Recipe(epochs=1),
         progress=False,
     )
     before = dict(original.named_parameters())
@@ -53,7 +52,7 @@ def test_every_method_changes_the_model_and_keeps_it_finite(method, digits_split
     assert changed, f"{method} did not update any parameter"
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
     assert run.seconds > 0
-    if method == "MUNBa":
+    if method.startswith("MUNBa"):
         steps = math.ceil(len(digits_split.retain) / 64)
         assert len(run.bargain_log) == steps
         a_f, a_r, cos = run.bargain_log[0]
@@ -70,7 +69,6 @@ def test_unknown_method_is_rejected(digits_split, original):
             digits_split.forget,
             digits_split.retain,
             num_classes=10,
-            epochs=1,
             lr=0.1,
             batch_size=8,
             seed=0,
@@ -143,7 +141,26 @@ def test_cli_quick_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
         assert row["avg_gap"] == pytest.approx(sum(s["avg_gap"] for s in row["per_seed"]) / 2)
     assert saved["methods"]["Retrain"]["avg_gap"] == 0.0
     assert results["methods"]["MUNBa"]["UA"] == saved["methods"]["MUNBa"]["UA"]
-    for name in ("results.md", "metrics.png", "munba_bargain.png", "munba_bargain.json"):
+    # The fairness contract, end to end: what each two-objective method ran with is recorded
+    # and shared (the optimizer's own settings, the budget, the batches).
+    rows = {m: saved["methods"][m] for m in unlearning.TWO_OBJECTIVE}
+    for key in ("base", "momentum", "weight_decay", "max_grad_norm", "epochs", "steps"):
+        assert len({json.dumps(r["settings"][key]) for r in rows.values()}) == 1, key
+    assert rows["MUNBa"]["settings"]["max_grad_norm"] == 1.0  # the paper recipe's clip, for all four
+    assert rows["Naive"]["settings"]["optimizer"] == "SGD"
+    assert rows["MUNBa"]["settings"]["optimizer"] == "MUNBaOptimizer(base=sgd)"
+    assert len({json.dumps(r["plan_digest"]) for r in rows.values()}) == 1
+    assert {r["settings"]["forget_loss"] for r in rows.values()} == {"random_labels", "gradient_ascent"}
+    # The relearning attack ran on every model, Retrain included, with the same slices.
+    assert set(saved["relearn"]) == set(saved["methods"])
+    for curves in saved["relearn"].values():
+        assert set(curves) == {"5%", "10%"}
+        for frac, c in curves.items():
+            assert c["steps"] == [0, 5] and len(c["per_seed"]) == 2
+            assert c["slice"] == saved["relearn"]["Retrain"][frac]["slice"]
+            assert all(0.0 <= a <= 100.0 for a in c["forget_acc"])
+    assert saved["relearn"]["Retrain"]["5%"]["slice"] < saved["relearn"]["Retrain"]["10%"]["slice"]
+    for name in ("results.md", "metrics.png", "relearn.png", "munba_bargain.png", "munba_bargain.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| MUNBa |" in (tmp_path / "out" / "results.md").read_text()
     assert len(list((tmp_path / "cache" / "classify").glob("*.pt"))) == 4  # original + Retrain, 2 seeds
@@ -152,14 +169,42 @@ def test_cli_quick_end_to_end_and_cache_reuse(tmp_path, monkeypatch, capsys):
         raise AssertionError("the cached original/Retrain models should have been reused")
 
     monkeypatch.setattr(classify, "train_classifier", no_training)
-    again = classify.main(argv("out2"))
+    again = classify.main([*argv("out2"), "--no-relearn"])
     assert again["methods"]["Retrain"]["UA"] == saved["methods"]["Retrain"]["UA"]
+
+
+def test_hard_scenario_forgets_the_samples_the_original_fits_best(tmp_path):
+    """--scenario hard: the forget set is the top --forget-ratio share by the original's margin."""
+    from munba_kernels.drivers import robustness
+
+    argv = ["--dataset", "digits", "--scenario", "hard", "--forget-ratio", "0.1", "--methods", "Naive,MUNBa",
+            "--quick", "--no-progress", "--no-relearn", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    saved = classify.main(argv)
+    assert set(saved["methods"]) == {"Retrain", "Original", "Naive", "MUNBa"} and not saved["relearn"]
+    cfg = classify.parse_args(argv)
+    cfg.model = "narrow_resnet"
+    ds = load_dataset("digits")
+    full = classify.train_subset(cfg, ds)
+    from types import SimpleNamespace
+
+    original, _ = classify.cached_training(cfg, "original", full, SimpleNamespace(num_classes=10), 0, 1)
+    margins = robustness.true_class_margin(unlearning.predict(original, full.x), full.y)
+    mask = robustness.hard_forget_mask(unlearning.predict(original, full.x), full.y, 0.1)
+    split = classify.prepare_data(cfg, ds, 0, mask)
+    assert len(split.forget) == round(0.1 * len(full))
+    assert margins[mask].min() >= margins[~mask].max()
+    # The original fits these perfectly, so its UA is 0; Retrain's cache key names the scenario.
+    assert saved["methods"]["Original"]["UA"] == 0.0
+    assert split.forget_spec == {"scenario": "hard", "seed": 0, "forget_ratio": 0.1}
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--methods", "FT,SalUn"], "unknown"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm"),
+        (["--power", "0"], "--power"),
         (["--seeds", "0"], "at least 1"),
         (["--scenario", "sideways"], "invalid choice"),
     ],
@@ -304,3 +349,90 @@ def test_cli_corrupt_data_file_is_named(tmp_path, monkeypatch, capsys):
     write_fashion_mnist(data_dir, relabel=lambda y: y + 10)
     line = _main_error(tmp_path, monkeypatch, capsys, ["--data-dir", str(data_dir)])
     assert str(data_dir / "train-labels-idx1-ubyte") in line
+# ---------------------------------------------------------------- the fairness contract
+
+_SHARED = ("base", "momentum", "weight_decay", "max_grad_norm", "epochs", "steps")
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_two_objective_methods_share_optimizer_clip_budget_and_data_order(clip, digits_split, original):
+    """Naive, NegGrad+, MUNBa and MUNBa-GA must run the same base rule, clip, budget and batches:
+    read back from the optimizers that ran and from the norms of the directions they stepped along."""
+    recipe = unlearning.Recipe(epochs=1, max_grad_norm=clip)
+    runs = {
+        m: unlearning.unlearn(
+            m,
+            copy.deepcopy(original),
+            digits_split.forget,
+            digits_split.retain,
+            num_classes=10,
+            lr=0.01,
+            batch_size=64,
+            seed=0,
+            recipe=recipe,
+            progress=False,
+        )
+        for m in unlearning.TWO_OBJECTIVE
+    }
+    reference = runs["MUNBa"]
+    assert reference.settings["max_grad_norm"] == clip and reference.settings["epochs"] == 1
+    for method, run in runs.items():
+        assert {k: run.settings[k] for k in _SHARED} == {k: reference.settings[k] for k in _SHARED}, method
+        assert run.plan_digest == reference.plan_digest, method
+        assert len(run.step_norms) == run.settings["steps"] == math.ceil(len(digits_split.retain) / 64)
+        raw, applied = torch.tensor(run.step_norms, dtype=torch.float64).T
+        if clip is None:
+            torch.testing.assert_close(applied, raw)
+        else:
+            assert (raw > clip).any(), f"{method}: the clip never bit; the test would prove nothing"
+            torch.testing.assert_close(applied, raw.clamp(max=clip), rtol=1e-6, atol=0)
+    assert runs["NegGrad+"].settings["forget_loss"] == runs["MUNBa-GA"].settings["forget_loss"]
+    assert runs["Naive"].settings["forget_loss"] == runs["MUNBa"].settings["forget_loss"] == "random_labels"
+
+
+def test_clip_grads_is_exact_and_returns_the_norm_before_clipping():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    assert unlearning.clip_grads_([a, b], 1.0).item() == 5.0
+    assert a.grad.tolist() == pytest.approx([0.6, 0.0], abs=1e-7) and b.grad.item() == pytest.approx(0.8)
+    assert unlearning.clip_grads_([a, b], None).item() == pytest.approx(1.0)  # no clip: unchanged
+    assert unlearning.clip_grads_([a, b], 2.0).item() == pytest.approx(1.0)  # below the clip: unchanged
+    assert b.grad.item() == pytest.approx(0.8)
+    a.grad.zero_(), b.grad.zero_()
+    assert unlearning.clip_grads_([a, b], 1.0).item() == 0.0 and a.grad.abs().sum() == 0
+
+
+def test_the_paper_recipe_is_munba_paper_faithful_and_power_is_normalised():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    built = unlearning.optimizer_settings(unlearning.PAPER.optimizer("MUNBa", p, 0.01), None)
+    published = unlearning.optimizer_settings(unlearning.MUNBaOptimizer.paper_faithful(p, lr=0.01), None)
+    assert built == published and built["max_grad_norm"] == 1.0
+    naive = unlearning.optimizer_settings(unlearning.PAPER.optimizer("Naive", p, 0.01), 1.0)
+    assert {k: naive[k] for k in ("base", "momentum", "weight_decay", "max_grad_norm")} == {
+        k: built[k] for k in ("base", "momentum", "weight_decay", "max_grad_norm")
+    }
+    assert unlearning.Recipe(power_ratio=3.0).bargaining_power == pytest.approx((1.5, 0.5))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        unlearning.Recipe(max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("method", ["MUNBa", "Naive", "RL"])
+def test_a_snapshot_at_epoch_k_is_exactly_a_k_epoch_run(method, digits_split, original):
+    """What lets the study read budgets 2/5/10 off one run: same batches, labels and steps."""
+
+    def run(epochs, snapshots=()):
+        return unlearning.unlearn(method, copy.deepcopy(original), digits_split.forget, digits_split.retain,
+                                  num_classes=10, lr=0.01, batch_size=64, seed=3, snapshots=snapshots,
+                                  recipe=unlearning.Recipe(epochs=epochs), progress=False)  # fmt: skip
+
+    short, long = run(1), run(2, snapshots=(1,))
+    snap = long.snapshots[1]
+    for (name, a), b in zip(short.model.state_dict().items(), snap.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert snap.settings == short.settings and snap.plan_digest == short.plan_digest
+    assert snap.step_norms == short.step_norms and snap.bargain_log == short.bargain_log
+    assert long.settings["epochs"] == 2 and long.settings["steps"] == 2 * short.settings["steps"]
+    assert not torch.equal(long.model.fc.weight, snap.model.fc.weight)  # training went on
+    with pytest.raises(ValueError, match="snapshots"):
+        run(2, snapshots=(2,))
+

@@ -174,6 +174,16 @@ def test_quick_cli_run_writes_results_and_reuses_its_cache(tmp_path, monkeypatch
         assert (out / png).stat().st_size > 0
     # MUNBa moved the model along bargained steps: positive weights for both players.
     assert len(saved["losses"]["MUNBa"]) == 4
+    # Fairness: one recipe for every method, read back from the optimizers that ran.
+    settings = {m: saved["methods"][m]["settings"] for m in ("MUNBa", "Naive", "ESD")}
+    for key in ("base", "lr", "weight_decay", "max_grad_norm", "steps", "batch_size"):
+        assert len({json.dumps(s[key]) for s in settings.values()}) == 1, key
+    assert settings["MUNBa"]["optimizer"] == "MUNBaOptimizer(base=adamw)" and settings["Naive"]["optimizer"] == "AdamW"
+    # The relearning attack: every model, the Retrain DDPM included, with checkpoints 0, 2, 4.
+    assert set(saved["relearn"]) == {"Original", "Retrain", "MUNBa", "Naive", "ESD"}
+    for curve in saved["relearn"].values():
+        assert curve["steps"] == [0, 2, 4] and all(0 <= r <= 100 for r in curve["forget_recognition"])
+    assert (out / "relearn.png").stat().st_size > 0
     cached = diffusion.main(
         [*QUICK, "--forget-class", "2", "--methods", "MUNBa", "--out", str(tmp_path / "r2")]
     )
@@ -184,10 +194,71 @@ def test_quick_cli_run_writes_results_and_reuses_its_cache(tmp_path, monkeypatch
     )
 
 
+def _tiny_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 1, 8, 8, generator=gen) * 2 - 1
+    y = torch.arange(3).repeat(8)
+    f = y == 0
+    return ddpm.Subset(x[f], y[f]), ddpm.Subset(x[~f], y[~f])
+
+
+def test_munba_and_naive_share_the_recipe_clip_and_batches(unet):
+    """The fairness contract for diffusion: same optimizer settings and clip, read back from
+    the optimizers and from the norms of the directions each method stepped along."""
+    forget, retain = _tiny_problem()
+    recipe = ddpm.DiffusionRecipe(lr=1e-4, steps=3, max_grad_norm=1e-3)  # small enough to bite
+    runs = {
+        m: ddpm.unlearn_class(m, unet, forget, retain, num_classes=3, anchor_class=1, batch_size=4,
+                              class_dropout=0.1, recipe=recipe, seed=0, progress=False)
+        for m in ddpm.UNLEARN_METHODS
+    }  # fmt: skip
+    shared = ("base", "lr", "weight_decay", "max_grad_norm", "steps", "batch_size")
+    for m, run in runs.items():
+        assert {k: run.settings[k] for k in shared} == {k: runs["MUNBa"].settings[k] for k in shared}, m
+        raw, applied = torch.tensor(run.step_norms, dtype=torch.float64).T
+        assert (raw > 1e-3).all(), m
+        torch.testing.assert_close(applied, raw.clamp(max=1e-3), rtol=1e-6, atol=0)
+    # Naive and MUNBa saw the same forget and retain batches: their first losses agree.
+    assert runs["MUNBa"].losses[0] == pytest.approx(runs["Naive"].losses[0])
+
+
+def test_scheduled_power_ratio_by_hand():
+    f = ddpm.scheduled_power_ratio
+    assert f(2.0, forget_loss=0.5, first_loss=1.0, threshold=0.1) == 2.0  # above the threshold
+    assert f(2.0, forget_loss=0.05, first_loss=1.0, threshold=0.1) == pytest.approx(1.0)  # half of it
+    assert f(1.0, forget_loss=0.0, first_loss=1.0, threshold=0.1) == ddpm.SCHEDULE_FLOOR
+    assert f(1.0, forget_loss=float("nan"), first_loss=1.0, threshold=0.1) == 1.0
+    assert ddpm.power_pair(3.0) == pytest.approx((1.5, 0.5))
+
+
+def test_forget_loss_schedule_lowers_munba_power_as_the_forget_loss_falls(unet):
+    forget, retain = _tiny_problem()
+    recipe = ddpm.DiffusionRecipe(lr=3e-3, steps=12, power_schedule="forget-loss", power_threshold=0.9)
+    run = ddpm.unlearn_class("MUNBa", unet, forget, retain, num_classes=3, anchor_class=1, batch_size=4,
+                             class_dropout=0.0, recipe=recipe, seed=0, progress=False)  # fmt: skip
+    assert run.power_ratios[0] == 1.0 and len(run.power_ratios) == 12
+    assert min(run.power_ratios) < 1.0 and run.settings["bargaining_power"] == "scheduled"
+    with pytest.raises(ValueError, match="power_schedule"):
+        ddpm.DiffusionRecipe(power_schedule="sometimes")
+
+
+def test_relearn_checkpoints_train_a_copy_and_yield_on_schedule(unet):
+    forget, _ = _tiny_problem()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    seen = []
+    for step, model in ddpm.relearn_checkpoints(unet, forget, steps=5, every=2, lr=1e-3, batch_size=4, seed=0):
+        seen.append((step, sum(p.double().sum().item() for p in model.parameters())))
+    assert [s for s, _ in seen] == [0, 2, 4, 5]
+    assert len({v for _, v in seen}) == 4  # the copy moves between checkpoints
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())  # the original does not
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--methods", "MUNBa,SalUn"], "--methods"),
+        (["--max-grad-norm", "0"], "--max-grad-norm"),
+        (["--power-threshold", "2"], "--power-threshold"),
         (["--image-size", "0"], "--image-size"),
     ],
 )
@@ -309,3 +380,20 @@ def test_default_fashion_mnist_run_meets_the_targets(tmp_path, report):
         )
     assert m["MUNBa"]["forget_recognition"] <= 2.0
     assert m["MUNBa"]["retain_accuracy"] >= m["Original"]["retain_accuracy"] - 3.0
+
+
+def test_a_snapshot_after_k_steps_is_exactly_a_k_step_run(unet):
+    forget, retain = _tiny_problem()
+
+    def run(steps, snapshots=()):
+        return ddpm.unlearn_class("MUNBa", unet, forget, retain, num_classes=3, anchor_class=1, batch_size=4,
+                                  class_dropout=0.1, recipe=ddpm.DiffusionRecipe(lr=1e-3, steps=steps),
+                                  seed=2, snapshots=snapshots, progress=False)  # fmt: skip
+
+    short, long = run(2), run(4, snapshots=(2,))
+    snap = long.snapshots[2]
+    for (name, a), b in zip(short.model.state_dict().items(), snap.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert snap.losses == short.losses and snap.settings == short.settings and len(long.losses) == 4
+    with pytest.raises(ValueError, match="snapshots"):
+        run(2, snapshots=(2,))

@@ -4,15 +4,24 @@
         --forget-ratio 0.1 --methods all --seeds 1 --epochs 2 --device cpu --out runs/fmnist
 
 Per seed: train the original model on the training set and Retrain on the retain set
-(both cached, keyed by their configuration), run every method for every learning rate of
-its grid from the same original, pick each method's learning rate by the selection rule
-below, and evaluate UA, RA, TA, MIA-Efficacy, Avg. Gap to Retrain, run time and the
-representation checks.  Writes ``results.json``, ``results.md`` and PNG plots to --out.
+(both cached, keyed by their configuration), run every method for every point of its grid
+from the same original, pick each method's point by the selection rule below, and evaluate
+UA, RA, TA, MIA-Efficacy, Avg. Gap to Retrain, run time, the representation checks and a
+relearning attack.  Writes ``results.json``, ``results.md`` and PNG plots to --out.
 
-Learning-rate selection (fixed in advance, identical for every method): the test set is
-split in two fixed halves.  For each learning rate the Avg. Gap to Retrain is computed with
-TA and the MIA's non-member set taken from the *validation* half; the rate with the
-smallest validation gap wins (ties: the smaller rate).  Reported numbers use the other half.
+Fairness: every method's optimizer comes from one recipe (``--recipe paper``: SGD, momentum
+0.9, weight decay 5e-4, the direction's norm clipped to 1, as published for MUNBa; override
+with --max-grad-norm, --epochs, --power), so Naive, NegGrad+, MUNBa and MUNBa-GA share the
+base rule, clip, budget, data order, learning-rate grid and selection rule.  results.json
+records, per method, the settings read back from the optimizer that ran.
+
+Selection (fixed in advance, identical for every method): the test set is split in two
+fixed halves.  For each grid point (learning rate; for NegGrad+ also β) the Avg. Gap to
+Retrain is computed with TA and the MIA's non-member set taken from the *validation* half;
+the point with the smallest validation gap wins (ties: the first, i.e. the smaller rate).
+Reported numbers use the other half.  NegGrad+ searches 3 β × 3 rates, three times the
+points of MUNBa-GA; the row "NegGrad+ β=0.9" is the same runs restricted to the hand-set
+β = 0.9, an equal-budget comparison.
 """
 
 from __future__ import annotations
@@ -20,21 +29,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from munba_kernels.evaluation import avg_gap, knn_probe_accuracy, linear_cka, penultimate_features
 from munba_kernels.evaluation.metrics import GAP_METRICS, unlearning_metrics
-from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars
+from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars, plot_relearn
 
 from . import data as datasets
-from . import options, parallel
+from . import options, parallel, robustness
 from .cache import cache_path, default_cache_dir, fingerprint, load_entry, save_atomic
 from .models import MODELS, build_model, classifier_head
-from .unlearning import METHODS, Subset, predict, train_classifier, unlearn
+from .unlearning import METHODS, NEGGRAD_BETA, PAPER, Recipe, Subset, predict, train_classifier, unlearn
 
 # One grid for every SGD-based method (GA, which diverges at those rates, sits one step
 # lower); the same grid and the same selection rule (module docstring) for every method.
@@ -46,10 +57,19 @@ LR_GRID = {
     "NegGrad+": _SGD_GRID,
     "Naive": _SGD_GRID,
     "MUNBa": _SGD_GRID,
+    "MUNBa-GA": _SGD_GRID,
 }
+#: NegGrad+'s retain weight β: equal weights (the plain sum, halved), the usual 0.9, and 0.99.
+NEGGRAD_BETAS = (0.5, NEGGRAD_BETA, 0.99)
+#: Named optimizer recipes (--recipe); "paper" is MUNBa's published classification recipe.
+RECIPES = {"paper": PAPER}
+SCENARIOS = ("class", "random", "hard")
 #: Part of every cache key: bump it when training code changes so stale models are not reused.
-CACHE_VERSION = 1
-REPORT_COLUMNS = ("UA", "RA", "TA", "MIA", "avg_gap", "probe_forget", "cka_to_retrain", "seconds", "lr")
+CACHE_VERSION = 2  # 2: the original trains on the training subset in its fixed order
+REPORT_COLUMNS = (
+    "UA", "RA", "TA", "MIA", "avg_gap", "probe_forget", "cka_to_retrain", "relearn 5%", "relearn 10%",
+    "seconds", "lr", "beta",
+)  # fmt: skip
 
 
 @dataclass
@@ -74,6 +94,43 @@ class Config:
     quick: bool = False
     progress: bool = True
     distributed: str | None = None
+    recipe: str = "paper"
+    max_grad_norm: float | None = PAPER.max_grad_norm
+    power: float = PAPER.power_ratio
+    neggrad_betas: list[float] = field(default_factory=lambda: list(NEGGRAD_BETAS))
+    lr_grid: list[float] | None = None  # None: LR_GRID; else one grid for every method but GA
+    relearn: bool = True
+    relearn_steps: int = robustness.RelearnAttack.steps
+    relearn_lr: float = robustness.RelearnAttack.lr
+    relearn_fractions: list[float] = field(default_factory=lambda: list(robustness.RelearnAttack.fractions))
+
+    def unlearning_recipe(self) -> Recipe:
+        """The recipe every method is built from: the named one with this run's overrides."""
+        return replace(
+            RECIPES[self.recipe], max_grad_norm=self.max_grad_norm, epochs=self.epochs, power_ratio=self.power
+        )
+
+    def attack(self) -> robustness.RelearnAttack:
+        return robustness.RelearnAttack(
+            tuple(self.relearn_fractions), steps=self.relearn_steps, lr=self.relearn_lr
+        )
+
+
+def _clip_norm(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
+    return value
+
+
+def _recipe_defaults(argv: list[str] | None) -> dict:
+    """The named recipe's clip, budget and power become the defaults of their flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", choices=RECIPES, default="paper")
+    r = RECIPES[pre.parse_known_args(argv)[0].recipe]
+    return {"epochs": r.epochs, "max_grad_norm": r.max_grad_norm, "power": r.power_ratio}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: resnet18 for 32×32 data, narrow_resnet otherwise",
     )
-    p.add_argument("--scenario", choices=("class", "random"), default=d.scenario)
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=d.scenario,
+        help="hard: the --forget-ratio share of training samples the original fits best",
+    )
     p.add_argument(
         "--forget-classes", type=int, nargs="+", default=d.forget_classes, help="for --scenario class"
     )
     p.add_argument(
-        "--forget-ratio", type=options.fraction, default=d.forget_ratio, help="for --scenario random"
+        "--forget-ratio", type=options.fraction, default=d.forget_ratio, help="for --scenario random|hard"
     )
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
     p.add_argument(
@@ -146,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlearn data-parallel (ddp) or sharded (fsdp2) across the ranks of a torchrun job; "
         "rank 0 trains the original and Retrain models, evaluates and writes the outputs",
     )
+    r = p.add_argument_group("optimizer recipe (shared by every method)")
+    r.add_argument("--recipe", choices=RECIPES, default=d.recipe, help="paper: SGD 0.9, wd 5e-4, clip 1")
+    r.add_argument(
+        "--max-grad-norm", type=_clip_norm, help="clip of every method's direction; 'none' turns it off"
+    )
+    r.add_argument("--power", type=options.positive_float, help="MUNBa's bargaining power w_f/w_r (w_f + w_r = 2)")
+    r.add_argument(
+        "--neggrad-betas", type=options.fraction, nargs="+", default=d.neggrad_betas, help="NegGrad+'s β grid"
+    )
+    r.add_argument(
+        "--lr-grid", type=options.positive_float, nargs="+", help="one learning-rate grid for all methods but GA"
+    )
+    a_ = p.add_argument_group("relearning attack")
+    a_.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
+    a_.add_argument("--relearn-steps", type=options.positive_int, default=d.relearn_steps)
+    a_.add_argument("--relearn-lr", type=options.positive_float, default=d.relearn_lr)
+    a_.add_argument("--relearn-fractions", type=options.fraction, nargs="+", default=d.relearn_fractions)
     return p
 
 
@@ -153,6 +232,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     """The command line as a Config; a bad value exits through ``parser.error`` (one line, code 2).
     Checks that need the data or the file system are :func:`check_before_work`'s."""
     p = parser or build_parser()
+    p.set_defaults(**_recipe_defaults(argv))
     a = p.parse_args(argv)
     methods = options.method_list(p, a.methods, METHODS)
     options.check_data_dir(p, a.dataset, a.data_dir)
@@ -177,10 +257,24 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         quick=a.quick,
         progress=not a.no_progress,
         distributed=a.distributed,
+        recipe=a.recipe,
+        max_grad_norm=a.max_grad_norm,
+        power=a.power,
+        neggrad_betas=a.neggrad_betas,
+        lr_grid=a.lr_grid,
+        relearn=not a.no_relearn,
+        relearn_steps=a.relearn_steps,
+        relearn_lr=a.relearn_lr,
+        relearn_fractions=a.relearn_fractions,
     )
+    try:  # the recipe and attack validate their own values
+        cfg.unlearning_recipe(), cfg.attack()
+    except ValueError as e:
+        p.error(str(e))
     if cfg.quick:
         cfg.train_size, cfg.test_size = min(cfg.train_size or 600, 600), min(cfg.test_size or 300, 300)
         cfg.epochs, cfg.pretrain_epochs = 1, min(cfg.pretrain_epochs, 3)
+        cfg.neggrad_betas, cfg.relearn_steps = [NEGGRAD_BETA], min(cfg.relearn_steps, 5)
     return cfg
 
 
@@ -201,18 +295,25 @@ class Split:
     forget_spec: dict
 
 
-def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int) -> Split:
-    fixed = torch.Generator().manual_seed(0)  # the subsets are part of the dataset, not the seed
-    train_idx = torch.randperm(len(ds.y_train), generator=fixed)
+def _train_xy(cfg: Config, ds: datasets.ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    train_idx = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))
     if cfg.train_size:
         train_idx = train_idx[: cfg.train_size]
+    return ds.x_train[train_idx], ds.y_train[train_idx]
+
+
+def prepare_data(cfg: Config, ds: datasets.ImageData, seed: int, mask: torch.Tensor | None = None) -> Split:
+    """``mask`` (over the training subset) overrides the scenario's forget set (--scenario hard)."""
+    fixed = torch.Generator().manual_seed(0)  # the subsets are part of the dataset, not the seed
+    torch.randperm(len(ds.y_train), generator=fixed)  # the training subset's draw (see _train_xy)
     test_idx = torch.randperm(len(ds.y_test), generator=fixed)
     if cfg.test_size:
         test_idx = test_idx[: cfg.test_size]
-    x, y = ds.x_train[train_idx], ds.y_train[train_idx]
-    mask = datasets.forget_mask(
-        y, cfg.scenario, forget_classes=cfg.forget_classes, forget_ratio=cfg.forget_ratio, seed=seed
-    )
+    x, y = _train_xy(cfg, ds)
+    if mask is None:
+        mask = datasets.forget_mask(
+            y, cfg.scenario, forget_classes=cfg.forget_classes, forget_ratio=cfg.forget_ratio, seed=seed
+        )
     xt, yt = ds.x_test[test_idx], ds.y_test[test_idx]
     probe = (xt[: len(yt) // 2], yt[: len(yt) // 2])
     if cfg.scenario == "class":  # TA is measured on the classes that remain
@@ -304,98 +405,218 @@ def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, f
     return out, test_f
 
 
+EQUAL_BUDGET_ROW = f"NegGrad+ β={NEGGRAD_BETA:g}"
+
+
+def train_subset(cfg: Config, ds: datasets.ImageData) -> Subset:
+    """The training subset in its fixed order (the original model's training data, any scenario)."""
+    x, y = _train_xy(cfg, ds)
+    return Subset(x.to(cfg.device), y.to(cfg.device))
+
+
+@dataclass
+class SeedContext:
+    """One seed's split, original and Retrain models, and Retrain's reference metrics."""
+
+    split: Split
+    original: torch.nn.Module
+    original_seconds: float
+    retrain: torch.nn.Module
+    retrain_seconds: float
+    retrain_val: dict
+    retrain_test: dict
+    retrain_repr: dict
+    retrain_feats: torch.Tensor
+
+
+def prepare_seed(cfg: Config, ds: datasets.ImageData, seed: int, ranks=parallel.SINGLE_PROCESS) -> SeedContext:
+    """Rank 0's view of a seed: the split (hard: chosen by the original's margins) and the
+    cached original and Retrain models with Retrain's validation and test metrics."""
+    in_channels = ds.image_shape[0]
+    full = train_subset(cfg, ds)
+    # The original sees the training subset in one fixed order whatever the scenario, so the
+    # cached model (whose key names no scenario) is the one every scenario would train.
+    original, orig_s = cached_training(
+        cfg, "original", full, SimpleNamespace(num_classes=ds.num_classes), seed, in_channels
+    )
+    mask = None
+    if cfg.scenario == "hard":
+        mask = robustness.hard_forget_mask(predict(original, full.x), full.y.cpu(), cfg.forget_ratio)
+        mask = parallel.broadcast_mask(mask, len(mask), ranks)
+    split = prepare_data(cfg, ds, seed, mask)
+    retrain, retrain_s = cached_training(cfg, "retrain", split.retain, split, seed, in_channels)
+    retrain_preds = predict_splits(retrain, split)
+    retrain_repr, retrain_feats = representation(retrain, split)
+    return SeedContext(
+        split,
+        original,
+        orig_s,
+        retrain,
+        retrain_s,
+        evaluate(retrain_preds, "val"),
+        evaluate(retrain_preds, "test"),
+        retrain_repr,
+        retrain_feats,
+    )
+
+
+def relearn_row(cfg: Config, model, split: Split, seed: int) -> dict:
+    """The relearning attack's curves and final accuracies (empty with --no-relearn)."""
+    if not cfg.relearn:
+        return {}
+    curves = robustness.relearn_all(model, split.forget, cfg.attack(), seed)
+    return {"relearn": curves, **{f"relearn {k}": c["forget_acc"][-1] for k, c in curves.items()}}
+
+
+def run_method(
+    cfg: Config,
+    ctx: SeedContext,
+    method: str,
+    seed: int,
+    log=print,
+    ranks=parallel.SINGLE_PROCESS,
+    snapshots: tuple[int, ...] = (),
+) -> tuple[dict[int, dict[str, dict]], list]:
+    """Every grid point of ``method``, the point selected on validation, its test row (and for
+    NegGrad+ the equal-budget row), for ``cfg.epochs`` and each epoch in ``snapshots`` (read
+    off the same runs: see ``unlearn``).  Returns ({epochs: rows}, the selected final run's
+    bargain trace)."""
+    split = ctx.split
+    runs: dict[int, list] = {e: [] for e in (*snapshots, cfg.epochs)}
+    for point in grid_points(cfg, method):
+        final = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks, snapshots)
+        for epochs, run in [*final.snapshots.items(), (cfg.epochs, final)]:
+            preds = predict_splits(run.model, split)
+            gap_val = avg_gap(evaluate(preds, "val"), ctx.retrain_val)
+            shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
+            log(f"  seed {seed} {method:8s} {shown} epochs {epochs:<3d} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
+            runs[epochs].append((gap_val, point, run, preds))
+    by_epochs, trace = {}, []
+    for epochs, candidates_all in runs.items():
+        selections = {method: candidates_all}
+        if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
+            selections[EQUAL_BUDGET_ROW] = [r for r in candidates_all if r[1]["beta"] == NEGGRAD_BETA]
+        rows = by_epochs[epochs] = {}
+        for name, candidates in selections.items():
+            _, point, run, preds = min(candidates, key=lambda r: r[0])  # ties: the first point
+            metrics = evaluate(preds, "test")
+            rows[name] = {
+                **metrics,
+                **representation(run.model, split, ctx.retrain_feats)[0],
+                "avg_gap": avg_gap(metrics, ctx.retrain_test),
+                "val_gap": min(c[0] for c in candidates),
+                "seconds": run.seconds,
+                **point,
+                "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
+                "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
+                "plan_digest": run.plan_digest,
+                **relearn_row(cfg, run.model, split, seed),
+            }
+            if name == method and epochs == cfg.epochs:
+                trace = run.bargain_log
+    return by_epochs, trace
+
+
 def run_seed(
     cfg: Config, ds: datasets.ImageData, seed: int, log=print, ranks: parallel.Ranks = parallel.SINGLE_PROCESS
 ) -> tuple[dict[str, dict], list]:
     """Every method on one seed.  Under torchrun only rank 0 trains, evaluates and returns rows;
     the other ranks take part in unlearning (the original's weights come from rank 0)."""
-    split = prepare_data(cfg, ds, seed)
-    in_channels = ds.image_shape[0]
     if not ranks.lead:
-        original = build_model(cfg.model, in_channels, split.num_classes).to(cfg.device)
+        mask = None
+        if cfg.scenario == "hard":
+            mask = parallel.broadcast_mask(None, len(_train_xy(cfg, ds)[1]), ranks)
+        split = prepare_data(cfg, ds, seed, mask)
+        original = build_model(cfg.model, ds.image_shape[0], split.num_classes).to(cfg.device)
         for method in cfg.methods:
-            for lr in lr_grid(cfg, method):
-                unlearn_with(cfg, method, original, split, lr, seed, ranks)
+            for point in grid_points(cfg, method):
+                unlearn_with(cfg, method, original, split, point, seed, ranks)
         return {}, []
-    train_all = Subset(
-        torch.cat([split.forget.x, split.retain.x]), torch.cat([split.forget.y, split.retain.y])
-    )
-    original, orig_s = cached_training(cfg, "original", train_all, split, seed, in_channels)
-    retrain, retrain_s = cached_training(cfg, "retrain", split.retain, split, seed, in_channels)
-
-    retrain_preds = predict_splits(retrain, split)
-    retrain_val, retrain_test = evaluate(retrain_preds, "val"), evaluate(retrain_preds, "test")
-    retrain_repr, retrain_feats = representation(retrain, split)
+    ctx = prepare_seed(cfg, ds, seed, ranks)
+    split = ctx.split
     rows = {
         "Retrain": {
-            **retrain_test,
-            **retrain_repr,
+            **ctx.retrain_test,
+            **ctx.retrain_repr,
             "avg_gap": 0.0,
             "cka_to_retrain": 1.0,
-            "seconds": retrain_s,
+            "seconds": ctx.retrain_seconds,
+            **relearn_row(cfg, ctx.retrain, split, seed),
         }
     }
-    orig_test = evaluate(predict_splits(original, split), "test")
+    orig_test = evaluate(predict_splits(ctx.original, split), "test")
     rows["Original"] = {
         **orig_test,
-        **representation(original, split, retrain_feats)[0],
-        "avg_gap": avg_gap(orig_test, retrain_test),
-        "seconds": orig_s,
+        **representation(ctx.original, split, ctx.retrain_feats)[0],
+        "avg_gap": avg_gap(orig_test, ctx.retrain_test),
+        "seconds": ctx.original_seconds,
+        **relearn_row(cfg, ctx.original, split, seed),
     }
     trace = []
     for method in cfg.methods:
-        best = None
-        for lr in lr_grid(cfg, method):
-            run = unlearn_with(cfg, method, original, split, lr, seed, ranks)
-            preds = predict_splits(run.model, split)
-            gap_val = avg_gap(evaluate(preds, "val"), retrain_val)
-            log(f"  seed {seed} {method:8s} lr {lr:<7g} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
-            if best is None or gap_val < best[0]:
-                best = (gap_val, lr, run, preds)
-        _, lr, run, preds = best
-        metrics = evaluate(preds, "test")
-        rows[method] = {
-            **metrics,
-            **representation(run.model, split, retrain_feats)[0],
-            "avg_gap": avg_gap(metrics, retrain_test),
-            "seconds": run.seconds,
-            "lr": lr,
-        }
+        by_epochs, method_trace = run_method(cfg, ctx, method, seed, log, ranks)
+        rows.update(by_epochs[cfg.epochs])
         if method == "MUNBa":
-            trace = run.bargain_log
+            trace = method_trace
     return rows, trace
 
 
-def lr_grid(cfg: Config, method: str) -> tuple[float, ...]:
-    return LR_GRID[method][:1] if cfg.quick else LR_GRID[method]
+def _clipped_share(step_norms, clip) -> float:
+    """Percent of steps whose direction the clip shortened."""
+    if clip is None or not step_norms:
+        return 0.0
+    return 100.0 * sum(raw > clip for raw, _ in step_norms) / len(step_norms)
 
 
-def unlearn_with(cfg: Config, method: str, original, split: Split, lr: float, seed: int, ranks):
+def grid_points(cfg: Config, method: str) -> list[dict]:
+    """The hyperparameter points a method searches: learning rates (NegGrad+: × β)."""
+    lrs = LR_GRID[method] if cfg.lr_grid is None or method == "GA" else tuple(cfg.lr_grid)
+    if cfg.quick:
+        lrs = lrs[:1]
+    betas = cfg.neggrad_betas if method == "NegGrad+" else [None]
+    return [{"lr": lr} if b is None else {"lr": lr, "beta": b} for lr in lrs for b in betas]
+
+
+def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, seed: int, ranks, snapshots=()):
     return unlearn(
         method,
         copy.deepcopy(original),
         split.forget,
         split.retain,
         num_classes=split.num_classes,
-        epochs=cfg.epochs,
-        lr=lr,
         batch_size=cfg.batch_size,
         seed=seed,
+        recipe=cfg.unlearning_recipe(),
+        snapshots=tuple(snapshots),
         progress=cfg.progress and ranks.lead,
         ranks=ranks,
+        **point,
     )
 
 
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Mean over seeds of every numeric entry, with the per-seed values alongside."""
+    """Per row: the mean and (seeds > 1) sample std of every number over seeds; other values
+    kept once if every seed agrees, else as the per-seed list; the per-seed rows alongside
+    (relearning curves are summarised by :func:`aggregate_relearn`)."""
     out = {}
     for name in per_seed[0]:
         rows = [s[name] for s in per_seed]
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lr"}
-        if "lr" in rows[0]:  # selected per seed: one value if they agree, else the list
-            lrs = [r["lr"] for r in rows]
-            mean["lr"] = lrs[0] if len(set(lrs)) == 1 else lrs
-        mean["per_seed"] = rows
+        mean, std = {}, {}
+        for k in rows[0]:
+            if k == "relearn":
+                continue
+            values = [r[k] for r in rows]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and k not in (
+                "lr",
+                "beta",
+            ):
+                mean[k] = statistics.fmean(values)
+                if len(values) > 1:
+                    std[k] = statistics.stdev(values)
+            else:
+                mean[k] = values[0] if all(v == values[0] for v in values) else values
+        mean["std"] = std
+        mean["per_seed"] = [{k: v for k, v in r.items() if k != "relearn"} for r in rows]
         out[name] = mean
     return out
 
@@ -415,6 +636,26 @@ def check_before_work(cfg: Config, ranks: parallel.Ranks) -> datasets.ImageData:
             f"--forget-classes {' '.join(map(str, bad))}: {cfg.dataset} has classes 0..{ds.num_classes - 1}"
         )
     return ds
+
+
+def aggregate_relearn(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """``relearn[row][fraction]``: steps, mean and std of the forget accuracy over seeds, per seed."""
+    out = {}
+    for name in per_seed[0]:
+        curves = [s[name]["relearn"] for s in per_seed if "relearn" in s[name]]
+        if not curves:
+            continue
+        out[name] = {}
+        for frac in curves[0]:
+            accs = [c[frac]["forget_acc"] for c in curves]
+            out[name][frac] = {
+                "steps": curves[0][frac]["steps"],
+                "slice": [c[frac]["slice"] for c in curves],
+                "forget_acc": [statistics.fmean(col) for col in zip(*accs)],
+                "std": [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*accs)],
+                "per_seed": accs,
+            }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -442,10 +683,12 @@ def run(cfg: Config, ranks: parallel.Ranks, ds: datasets.ImageData | None = None
         return {}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    recipe = cfg.unlearning_recipe()
     print(
         f"{cfg.dataset}: {len(ds.y_train)} train / {len(ds.y_test)} test images; using "
         f"{cfg.train_size or 'all'} / {cfg.test_size or 'all'}; model {cfg.model}; scenario {cfg.scenario}"
         + (f"; {cfg.distributed} over {ranks.world} ranks" if cfg.distributed else "")
+        + f"\nrecipe {cfg.recipe}: {recipe}"
     )
     per_seed, traces = [], []
     for seed in range(cfg.seeds):
@@ -453,26 +696,29 @@ def run(cfg: Config, ranks: parallel.Ranks, ds: datasets.ImageData | None = None
         per_seed.append(rows)
         traces.append(trace)
     methods = aggregate(per_seed)
-    results = {"config": asdict(cfg), "methods": methods}
+    relearn = aggregate_relearn(per_seed)
+    results = {"config": asdict(cfg), "recipe": asdict(recipe), "methods": methods, "relearn": relearn}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     title = (
         f"{cfg.dataset}, {cfg.scenario} forgetting "
         f"({'classes ' + str(cfg.forget_classes) if cfg.scenario == 'class' else f'{cfg.forget_ratio:.0%}'}), "
-        f"{cfg.seeds} seed(s), mean"
+        f"{cfg.seeds} seed(s), mean{' ± std' if cfg.seeds > 1 else ''}"
     )
     table = markdown_table(methods, REPORT_COLUMNS, title)
     (out / "results.md").write_text(table)
     plot_metric_bars(methods, GAP_METRICS, out / "metrics.png", title)
+    written = ["results.json", "results.md", "metrics.png"]
+    if relearn:
+        plot_relearn(relearn, out / "relearn.png", f"relearning attack, {title}")
+        written.append("relearn.png")
     if traces and traces[0]:
         plot_bargain_trace(
             traces[0], out / "munba_bargain.png", "MUNBa bargaining weights and cos φ (seed 0)"
         )
         (out / "munba_bargain.json").write_text(json.dumps(traces[0]))
+        written += ["munba_bargain.png", "munba_bargain.json"]
     print("\n" + table)
-    print(
-        f"wrote {out / 'results.json'}, results.md, metrics.png"
-        + (", munba_bargain.png" if traces[0] else "")
-    )
+    print(f"wrote {', '.join(str(out / w) for w in written)}")
     return results
 
 

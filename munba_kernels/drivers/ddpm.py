@@ -7,13 +7,18 @@ unconditional ε(x_t, ∅); that enables classifier-free guidance when sampling 
 negative guidance target.  Images live in [-1, 1] inside the diffusion code and in [0, 1]
 outside it (the judge classifier and the data loaders use [0, 1]).
 
-Unlearning methods (all fine-tune a copy of the original with AdamW, the optimizer DDPMs are
-trained with, same learning rate, steps and batches; weight decay 0, because decay shrinks
-weights that neither objective asked to move):
+Unlearning methods (all fine-tune a copy of the original with the optimizer one
+:class:`DiffusionRecipe` builds: AdamW, the optimizer DDPMs are trained with, the same
+learning rate, steps, batches and clip; weight decay 0, because decay shrinks weights that
+neither objective asked to move):
 
     MUNBa  forget and preserve losses, Nash-bargained    MUNBaOptimizer(base="adamw")
     Naive  the same two losses summed, one backward      torch.optim.AdamW
     ESD    negative guidance from a frozen copy only     torch.optim.AdamW
+
+The recipe's clip (``max_grad_norm``, off by default) bounds MUNBa's ‖d‖ and the gradient
+of Naive and ESD alike.  ``power_schedule="forget-loss"`` (an option, never the default)
+lets MUNBa's bargaining power follow the forget loss; see :func:`scheduled_power_ratio`.
 
 forget loss   MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()), shared noise and timestep,
               x_0 from the forget class (SalUn's and MUNBa's diffusion forget loss)
@@ -24,6 +29,7 @@ ESD loss      MSE(ε(x_t, c_forget), ε*(x_t, ∅) − η (ε*(x_t, c_forget) �
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,11 +40,84 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from munba_kernels import MUNBaOptimizer
+from munba_kernels.bargaining import validate_power
 
-from .unlearning import Subset
+from .unlearning import Subset, clip_grads_, optimizer_settings
 
 UNLEARN_METHODS = ("MUNBa", "Naive", "ESD")
+#: Methods that combine a forget and a preserve objective; the fairness contract binds them.
+TWO_OBJECTIVE = ("MUNBa", "Naive")
 NUM_TRAIN_TIMESTEPS = 1000
+POWER_SCHEDULES = ("constant", "forget-loss")
+
+
+@dataclass(frozen=True)
+class DiffusionRecipe:
+    """The optimizer settings every diffusion unlearning method is built from: one home.
+
+    ``power_ratio`` is MUNBa's w_f/w_r, normalised to w_f + w_r = 2 (the step length of
+    equal power).  ``power_schedule="forget-loss"`` scales it down once the forget loss is
+    solved (:func:`scheduled_power_ratio`, with ``power_threshold``); it has no counterpart
+    in a sum, so Naive and ESD ignore both.
+    """
+
+    lr: float = 5e-5
+    steps: int = 300
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    power_ratio: float = 1.0
+    power_schedule: str = "constant"
+    power_threshold: float = 0.1
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.steps < 1:
+            raise ValueError(f"DiffusionRecipe needs lr > 0 and steps >= 1, got {self.lr!r}, {self.steps!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.power_schedule not in POWER_SCHEDULES:
+            raise ValueError(f"power_schedule must be one of {POWER_SCHEDULES}, got {self.power_schedule!r}")
+        if not 0 < self.power_threshold < 1:
+            raise ValueError(f"power_threshold must lie in (0, 1), got {self.power_threshold!r}")
+        validate_power((self.power_ratio, 1.0))
+
+    def optimizer(self, method: str, params) -> torch.optim.Optimizer:
+        if method == "MUNBa":
+            return MUNBaOptimizer(
+                params,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                max_grad_norm=self.max_grad_norm,
+                bargaining_power=power_pair(self.power_ratio),
+            )
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def power_pair(ratio: float) -> tuple[float, float]:
+    """(w_f, w_r) with w_f / w_r = ``ratio`` and w_f + w_r = 2."""
+    return (2 * ratio / (1 + ratio), 2 / (1 + ratio))
+
+
+#: Smoothing of the forget loss the schedule reads (per-batch losses vary with the timesteps drawn).
+SCHEDULE_EMA = 0.9
+#: The schedule never lowers w_f/w_r below this share of the base ratio: the forget player
+#: keeps a voice, or the forget loss drifts back up unopposed.
+SCHEDULE_FLOOR = 0.02
+
+
+def scheduled_power_ratio(base_ratio: float, forget_loss: float, first_loss: float, threshold: float) -> float:
+    """w_f/w_r that follows the forget loss (``power_schedule="forget-loss"``).
+
+    Why: the bargaining power is the weight of each player's utility in the Nash product.
+    Once the forget loss has fallen below ``threshold`` × its first value the forget player
+    has what it asked for, yet the equal-power bisector still gives it half of every step.
+    Below the threshold the ratio shrinks in proportion to the (smoothed) loss, so the step
+    turns towards the preserve objective, and grows back if the forget loss rises again;
+    it never falls below ``SCHEDULE_FLOOR`` × the base ratio.
+    """
+    if not (math.isfinite(forget_loss) and first_loss > 0):
+        return base_ratio
+    share = forget_loss / (threshold * first_loss)
+    return base_ratio * min(1.0, max(share, SCHEDULE_FLOOR))
 
 
 def build_unet(image_size: int, in_channels: int, num_classes: int, channels=(32, 64, 64)) -> nn.Module:
@@ -202,6 +281,11 @@ class UnlearnRun:
     seconds: float
     losses: list[tuple[float, float]] = field(default_factory=list)  # (forget, preserve) per step
     bargain_log: list[tuple[float, float, float]] = field(default_factory=list)  # (α_f, α_r, cos φ)
+    settings: dict = field(default_factory=dict)  # read back from the optimizer, plus steps etc.
+    #: (norm of the direction before the clip, norm handed to AdamW) per step
+    step_norms: list[tuple[float, float]] = field(default_factory=list)
+    power_ratios: list[float] = field(default_factory=list)  # MUNBa's w_f/w_r per step
+    snapshots: dict[int, UnlearnRun] = field(default_factory=dict)  # by step (unlearn_class(snapshots=...))
 
 
 def unlearn_class(
@@ -212,19 +296,24 @@ def unlearn_class(
     *,
     num_classes: int,
     anchor_class: int,
-    steps: int,
     batch_size: int,
-    lr: float,
     class_dropout: float,
+    recipe: DiffusionRecipe = DiffusionRecipe(),
     esd_eta: float = 1.0,
     seed: int = 0,
+    snapshots: tuple[int, ...] = (),
     progress: bool = True,
 ) -> UnlearnRun:
     """Erase ``forget``'s class from a copy of ``original`` with ``method`` (see module docstring).
 
-    Every method sees the same forget batches, noise and timesteps (one seeded generator per
-    purpose); MUNBa and Naive also the same retain batches.
+    ``recipe`` builds the optimizer and sets the steps.  Every method sees the same forget
+    batches, noise and timesteps (one seeded generator per purpose); MUNBa and Naive also
+    the same retain batches.  ``snapshots`` (step counts below ``recipe.steps``) also returns
+    the run as it stood after those steps: the learning rate is constant and every step
+    draws from the same streams, so each is exactly a shorter run.
     """
+    if any(not 1 <= k < recipe.steps for k in snapshots):
+        raise ValueError(f"snapshots must be step counts in 1..{recipe.steps - 1}, got {snapshots}")
     if method not in UNLEARN_METHODS:
         raise ValueError(f"method must be one of {UNLEARN_METHODS}, got {method!r}")
     if len(forget) == 0 or len(retain) == 0:
@@ -233,16 +322,19 @@ def unlearn_class(
     eps_fn = partial(eps, model)
     if method == "ESD":
         frozen_eps_fn = partial(eps, copy.deepcopy(original).eval().requires_grad_(False))
-    if method == "MUNBa":
-        opt = MUNBaOptimizer(model.parameters(), lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = recipe.optimizer(method, model.parameters())
+    clip, steps = recipe.max_grad_norm, recipe.steps
     scheduler = build_scheduler()
     f_gen, r_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     device = forget.x.device
-    null, log, trace = num_classes, [], []
+    null, log, trace, norms, ratios = num_classes, [], [], [], []
+    smoothed = first = None
+    kept = {}
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=f"{method} unlearning", unit="step", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc=f"{method} unlearning", unit="step", disable=not progress, leave=False):
+        if step in snapshots:
+            kept[step] = (copy.deepcopy(model).eval(), time.perf_counter() - start)
+            model.train()
         f_idx = torch.randint(0, len(forget), (batch_size,), generator=f_gen).to(device)
         x_t, _, t = add_noise(scheduler, forget.x[f_idx], f_gen)
         c_f = forget.y[f_idx]
@@ -250,6 +342,8 @@ def unlearn_class(
         if method == "ESD":
             loss_f = esd_loss(eps_fn, frozen_eps_fn, x_t, t, c_f, torch.full_like(c_f, null), esd_eta)
             loss_f.backward()
+            raw = clip_grads_(model.parameters(), clip)
+            norms.append(torch.stack([raw, raw if clip is None else raw.clamp(max=clip)]).float())
             opt.step()
             log.append((loss_f.detach(), torch.zeros((), device=device)))
             continue
@@ -260,22 +354,81 @@ def unlearn_class(
         r_labels = drop_labels(retain.y[r_idx], null, class_dropout, r_gen)
         loss_r = denoising_loss(eps_fn, scheduler, retain.x[r_idx], r_labels, r_gen)
         if method == "MUNBa":
+            if recipe.power_schedule == "forget-loss":  # reads the loss on the host: one sync per step
+                value = loss_f.item()
+                first = value if first is None else first
+                smoothed = value if smoothed is None else SCHEDULE_EMA * smoothed + (1 - SCHEDULE_EMA) * value
+                ratio = scheduled_power_ratio(recipe.power_ratio, smoothed, first, recipe.power_threshold)
+                opt.bargaining_power = validate_power(power_pair(ratio))
+                ratios.append(ratio)
             loss_f.backward()
             opt.capture_forget()
             loss_r.backward()
             opt.step()
             b = opt.last_bargain
             trace.append(torch.cat([b.alpha, b.cos[None]]).float())
+            norms.append(torch.stack([b.direction_norm, b.direction_norm * b.clip_scale]).float())
         else:
             (loss_f + loss_r).backward()
+            raw = clip_grads_(model.parameters(), clip)
+            norms.append(torch.stack([raw, raw if clip is None else raw.clamp(max=clip)]).float())
             opt.step()
         log.append((loss_f.detach(), loss_r.detach()))
     seconds = time.perf_counter() - start
     losses = [tuple(row) for row in torch.stack([torch.stack(p) for p in log]).tolist()]
     bargain = [tuple(row) for row in torch.stack(trace).tolist()] if trace else []
-    return UnlearnRun(model.eval(), seconds, losses, bargain)
+    settings = {
+        **optimizer_settings(opt, clip),
+        "steps": steps,
+        "batch_size": batch_size,
+        "forget_loss": "esd" if method == "ESD" else "anchor_mse",
+    }
+    if method == "MUNBa":
+        settings.update(power_ratio=recipe.power_ratio, power_schedule=recipe.power_schedule)
+        if recipe.power_schedule != "constant":
+            settings["power_threshold"] = recipe.power_threshold
+            settings["bargaining_power"] = "scheduled"
+    step_norms = [tuple(row) for row in torch.stack([n.cpu() for n in norms]).tolist()]
+
+    def upto(k: int, trained: nn.Module, secs: float) -> UnlearnRun:
+        return UnlearnRun(trained, secs, losses[:k], bargain[:k], {**settings, "steps": k}, step_norms[:k], ratios[:k])
+
+    run = upto(steps, model.eval(), seconds)
+    run.snapshots = {k: upto(k, m, secs) for k, (m, secs) in sorted(kept.items())}
+    return run
 
 
 def default_anchor(forget_class: int, num_classes: int) -> int:
     """The next class (mod K): a fixed, documented choice rather than a tuned one."""
     return (forget_class + 1) % num_classes
+
+
+def relearn_checkpoints(
+    model: nn.Module,
+    images: Subset,
+    *,
+    steps: int,
+    every: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+):
+    """The diffusion relearning attack: fine-tune a copy of ``model`` with AdamW (no decay, no
+    clip) on the plain conditional denoising loss of a few forget-class ``images`` with their
+    label; yields ``(step, model)`` at 0, every, 2·every, …, steps (the same copy, trained on)."""
+    if len(images) == 0:
+        raise ValueError("the relearning attack needs at least one image")
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = build_scheduler()
+    gen = torch.Generator().manual_seed(seed)
+    eps_fn = partial(eps, model)
+    yield 0, model.eval()
+    for step in range(1, steps + 1):
+        model.train()
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen).to(images.x.device)
+        opt.zero_grad(set_to_none=True)
+        denoising_loss(eps_fn, scheduler, images.x[idx], images.y[idx], gen).backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            yield step, model.eval()

@@ -11,8 +11,19 @@ class from every model with the same initial noise; let the judge label them.  R
 model: forget_recognition (% of forget-class generations the judge calls that class; UA =
 100 − it), retain_accuracy (mean judge accuracy over the retained classes' generations) and
 feature_distance (KID on judge features: retain generations vs real retain test images).
-Writes results.json, results.md, samples.png (rows = classes, one panel per model) and
-munba_bargain.png to --out.  Losses and methods: munba_kernels/drivers/ddpm.py.
+Writes results.json, results.md, samples.png (rows = classes, one panel per model),
+relearn.png and munba_bargain.png to --out.  Losses and methods: munba_kernels/drivers/ddpm.py.
+
+Fairness: MUNBa and Naive (and ESD) are built from one recipe (ddpm.DiffusionRecipe: AdamW,
+--unlearn-lr, --unlearn-steps, weight decay 0, --max-grad-norm, off by default) and see the
+same batches, noise and timesteps; results.json records each method's settings, read back
+from its optimizer.  --power sets MUNBa's w_f/w_r; --power-schedule forget-loss lets it
+follow the forget loss (an option, not the default; see ddpm.scheduled_power_ratio).
+
+Relearning attack (--no-relearn to skip): every unlearned model, the original and a Retrain
+DDPM (pre-trained the same way without the forget class, cached) are fine-tuned on
+--relearn-images forget-class images for --relearn-steps AdamW steps; forget recognition
+of the forget class's generations is tracked along the way (results.json "relearn").
 
 Stable Diffusion (GPU users): --pretrained DIR (a local StableDiffusionPipeline folder)
 --forget-prompt "..." --anchor-prompt "..." fine-tunes the UNet with MUNBa to erase the
@@ -23,15 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from munba_kernels.evaluation import generation_scores, kernel_inception_distance, penultimate_features
+from munba_kernels.evaluation import (
+    accuracy,
+    generation_scores,
+    kernel_inception_distance,
+    penultimate_features,
+)
 from munba_kernels.evaluation.generation import save_sample_grid
-from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace
+from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_relearn
 
 from . import data as datasets
 from . import ddpm, options
@@ -68,10 +85,20 @@ class Config:
     unlearn_batch_size: int = 32
     unlearn_lr: float = 5e-5
     esd_eta: float = 1.0
+    max_grad_norm: float | None = None
+    power: float = 1.0
+    power_schedule: str = "constant"
+    power_threshold: float = 0.1
+    relearn: bool = True
+    relearn_images: int = 16
+    relearn_steps: int = 100
+    relearn_every: int = 25
+    relearn_lr: float = 1e-4
     sample_steps: int = 25
     guidance: float = 2.0
     samples_per_class: int = 100
-    seed: int = 0
+    seed: int = 0  # the DDPM, the judge and the first unlearning seed
+    seeds: int = 1  # unlearning seeds (batches, noise, timesteps, sampling noise) on that DDPM
     device: str = "cpu"
     out: str = "runs/diffusion"
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -87,6 +114,26 @@ class Config:
     sd_lr: float = 1e-5
     sd_images: int = 4
     sd_inference_steps: int = 25
+
+    def unlearning_recipe(self) -> ddpm.DiffusionRecipe:
+        """The recipe every method is built from (MUNBa, Naive and ESD alike)."""
+        return ddpm.DiffusionRecipe(
+            lr=self.unlearn_lr,
+            steps=self.unlearn_steps,
+            max_grad_norm=self.max_grad_norm,
+            power_ratio=self.power,
+            power_schedule=self.power_schedule,
+            power_threshold=self.power_threshold,
+        )
+
+
+def _clip_norm(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,19 +157,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods = ", ".join(ddpm.UNLEARN_METHODS)
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of {methods}")
-    p.add_argument("--image-size", type=positive_int, default=d.image_size, help="DDPM resolution")
-    p.add_argument("--ddpm-steps", type=positive_int, default=d.ddpm_steps, help="pre-training steps")
+    p.add_argument(
+        "--image-size", type=positive_int, default=d.image_size, help="DDPM resolution"
+    )
+    p.add_argument(
+        "--ddpm-steps", type=positive_int, default=d.ddpm_steps, help="pre-training steps"
+    )
     p.add_argument("--unlearn-steps", type=positive_int, default=d.unlearn_steps)
-    p.add_argument("--unlearn-lr", type=positive_float, default=d.unlearn_lr, help="AdamW, every method")
     p.add_argument(
-        "--esd-eta", type=options.finite_float, default=d.esd_eta, help="ESD negative-guidance strength"
+        "--unlearn-lr", type=positive_float, default=d.unlearn_lr, help="AdamW, every method"
     )
-    p.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help="DDIM steps")
+    p.add_argument("--esd-eta", type=options.finite_float, default=d.esd_eta, help="ESD negative-guidance strength")
     p.add_argument(
-        "--guidance", type=options.finite_float, default=d.guidance, help="classifier-free guidance scale"
+        "--max-grad-norm", type=_clip_norm, default=d.max_grad_norm, help="clip of every method (default: none)"
     )
+    p.add_argument("--power", type=positive_float, default=d.power, help="MUNBa's bargaining power w_f/w_r")
+    p.add_argument(
+        "--power-schedule",
+        choices=ddpm.POWER_SCHEDULES,
+        default=d.power_schedule,
+        help="forget-loss: w_f/w_r shrinks once the forget loss is below --power-threshold × its first value",
+    )
+    p.add_argument("--power-threshold", type=options.fraction, default=d.power_threshold)
+    p.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
+    p.add_argument("--relearn-images", type=positive_int, default=d.relearn_images)
+    p.add_argument("--relearn-steps", type=positive_int, default=d.relearn_steps)
+    p.add_argument("--relearn-every", type=positive_int, default=d.relearn_every)
+    p.add_argument("--relearn-lr", type=positive_float, default=d.relearn_lr)
+    p.add_argument(
+        "--sample-steps", type=positive_int, default=d.sample_steps, help="DDIM steps"
+    )
+    p.add_argument("--guidance", type=options.finite_float, default=d.guidance, help="classifier-free guidance scale")
     p.add_argument("--samples-per-class", type=positive_int, default=d.samples_per_class)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the DDPM and the judge")
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=d.seeds,
+        help="unlearning seeds (batches, noise, sampling) averaged on that one DDPM",
+    )
     p.add_argument("--device", type=options.device, default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--out", default=d.out)
     p.add_argument(
@@ -154,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument(
         "--sd-images", type=positive_int, default=d.sd_images, help="latents generated per prompt"
     )
-    sd.add_argument("--sd-inference-steps", type=positive_int, default=d.sd_inference_steps)
+    sd.add_argument(
+        "--sd-inference-steps", type=positive_int, default=d.sd_inference_steps
+    )
     return p
 
 
@@ -183,10 +258,20 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         unlearn_steps=a.unlearn_steps,
         unlearn_lr=a.unlearn_lr,
         esd_eta=a.esd_eta,
+        max_grad_norm=a.max_grad_norm,
+        power=a.power,
+        power_schedule=a.power_schedule,
+        power_threshold=a.power_threshold,
+        relearn=not a.no_relearn,
+        relearn_images=a.relearn_images,
+        relearn_steps=a.relearn_steps,
+        relearn_every=a.relearn_every,
+        relearn_lr=a.relearn_lr,
         sample_steps=a.sample_steps,
         guidance=a.guidance,
         samples_per_class=a.samples_per_class,
         seed=a.seed,
+        seeds=a.seeds,
         device=a.device,
         out=a.out,
         cache_dir=a.cache_dir,
@@ -202,11 +287,16 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         sd_images=a.sd_images,
         sd_inference_steps=a.sd_inference_steps,
     )
+    try:  # the recipe validates its own values
+        cfg.unlearning_recipe()
+    except ValueError as e:
+        p.error(str(e))
     if cfg.quick:
         cfg.ddpm_steps, cfg.unlearn_steps = min(cfg.ddpm_steps, 200), min(cfg.unlearn_steps, 20)
         cfg.judge_epochs, cfg.judge_train_size = 2, min(cfg.judge_train_size, 2000)
         cfg.samples_per_class, cfg.sample_steps = min(cfg.samples_per_class, 8), min(cfg.sample_steps, 10)
         cfg.channels = [16, 32]
+        cfg.relearn_steps, cfg.relearn_every = min(cfg.relearn_steps, 4), min(cfg.relearn_every, 2)
     halvings = len(cfg.channels) - 1  # the UNet's down-sampling steps (ddpm.build_unet)
     if cfg.pretrained is None and cfg.image_size % 2**halvings:
         p.error(f"--image-size {cfg.image_size}: must be divisible by {2**halvings} (the UNet halves it)")
@@ -265,7 +355,9 @@ def judge_classifier(cfg: Config, train: Subset, in_channels: int, num_classes: 
     )
 
 
-def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: int):
+def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: int, kind: str = "ddpm"):
+    """The original DDPM (``kind="ddpm"``) or Retrain (``"ddpm-retrain"``: ``train`` holds no
+    forget-class image), pre-trained identically and cached."""
     key = {
         "image_size": cfg.image_size,
         "channels": cfg.channels,
@@ -275,10 +367,11 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
         "class_dropout": cfg.class_dropout,
         "ema_decay": cfg.ema_decay,
         "n": len(train),
+        **({"forget_class": cfg.forget_class} if kind != "ddpm" else {}),
     }
     return _cached(
         cfg,
-        "ddpm",
+        kind,
         key,
         train,
         lambda: ddpm.build_unet(cfg.image_size, in_channels, num_classes, cfg.channels),
@@ -298,9 +391,10 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
 
 
 def evaluate_generator(
-    cfg: Config, model, judge, num_classes: int, real_retain_feats: torch.Tensor, name: str
+    cfg: Config, model, judge, num_classes: int, real_retain_feats: torch.Tensor, name: str, unlearn_seed: int = 0
 ):
-    """Samples for every class (same noise for every model), judged; returns (row, samples [K, n, ...])."""
+    """Samples for every class (same noise for every model of an unlearning seed), judged;
+    returns (row, samples [K, n, ...])."""
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     images = ddpm.sample(
         model,
@@ -308,7 +402,7 @@ def evaluate_generator(
         null_class=num_classes,
         steps=cfg.sample_steps,
         guidance=cfg.guidance,
-        seed=cfg.seed + 12345,  # fixed and unrelated to the training streams
+        seed=cfg.seed + 12345 + unlearn_seed,  # fixed and unrelated to the training streams
         progress=cfg.progress,
     )
     logits = predict(judge, images.to(cfg.device))
@@ -329,6 +423,22 @@ def evaluate_generator(
     return row, images.reshape(num_classes, cfg.samples_per_class, *images.shape[1:])
 
 
+@dataclass
+class Setup:
+    """What every unlearning seed shares: data, judge, the original DDPM, KID's reference."""
+
+    num_classes: int
+    in_channels: int
+    judge: torch.nn.Module
+    judge_seconds: float
+    judge_accuracy: float
+    original: torch.nn.Module
+    ddpm_seconds: float
+    real_feats: torch.Tensor
+    forget: Subset
+    retain: Subset
+
+
 def check_before_work(cfg: Config) -> datasets.ImageData | None:
     """The checks that need the file system or the data, before any training: --out (and for the
     class-conditional DDPM --cache-dir) writable, the --pretrained folder a pipeline, the data
@@ -346,8 +456,8 @@ def check_before_work(cfg: Config) -> datasets.ImageData | None:
     return ds
 
 
-def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
-    """The class-conditional run (``ds``: the loaded data, default: load ``cfg.dataset``)."""
+def setup(cfg: Config, ds: datasets.ImageData | None = None) -> Setup:
+    """What every seed shares (``ds``: the loaded data, default: load ``cfg.dataset``)."""
     if ds is None:
         ds = datasets.load_dataset(cfg.dataset, cfg.data_dir)
         _check_classes(cfg, ds.num_classes)
@@ -373,39 +483,142 @@ def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
         ]
     ]
     real_feats = penultimate_features(judge, classifier_head(judge), real.to(dev))
-
     forget_mask = train.y == cfg.forget_class
-    forget, retain = (
+    return Setup(
+        k,
+        in_channels,
+        judge,
+        judge_s,
+        sum(judge_acc.values()) / k,
+        original,
+        ddpm_s,
+        real_feats,
         Subset(train.x[forget_mask], train.y[forget_mask]),
         Subset(train.x[~forget_mask], train.y[~forget_mask]),
     )
+
+
+def unlearn_method(cfg: Config, st: Setup, method: str, unlearn_seed: int = 0, recipe=None, snapshots=()):
+    """One method on the shared setup; the unlearning streams depend on ``unlearn_seed``."""
+    return ddpm.unlearn_class(
+        method,
+        st.original,
+        st.forget,
+        st.retain,
+        num_classes=st.num_classes,
+        anchor_class=cfg.anchor_class,
+        batch_size=cfg.unlearn_batch_size,
+        class_dropout=cfg.class_dropout,
+        recipe=recipe or cfg.unlearning_recipe(),
+        esd_eta=cfg.esd_eta,
+        seed=cfg.seed + 1000 * unlearn_seed,
+        snapshots=snapshots,
+        progress=cfg.progress,
+    )
+
+
+def method_row(result) -> dict:
+    """What results.json records of a run besides its generation scores."""
+    clip = result.settings["max_grad_norm"]
+    row = {
+        "seconds": result.seconds,
+        "settings": result.settings,
+        "clipped_steps": 0.0
+        if clip is None
+        else 100.0 * sum(r > clip for r, _ in result.step_norms) / len(result.step_norms),
+    }
+    if result.power_ratios:
+        row["final_power_ratio"] = result.power_ratios[-1]
+    return row
+
+
+def run_seed(cfg: Config, st: Setup, u: int, retrain=None):
+    """Every method for unlearning seed ``u``: (rows, panels, losses, bargain trace, relearn)."""
+    k = st.num_classes
     rows, panels, trace, losses = {}, {}, [], {}
-    rows["Original"], panels["Original"] = evaluate_generator(cfg, original, judge, k, real_feats, "Original")
-    rows["Original"]["seconds"] = ddpm_s
+    rows["Original"], panels["Original"] = evaluate_generator(
+        cfg, st.original, st.judge, k, st.real_feats, "Original", u
+    )
+    rows["Original"]["seconds"] = st.ddpm_seconds
+    models = {"Original": st.original}
     for method in cfg.methods:
-        result = ddpm.unlearn_class(
-            method,
-            original,
-            forget,
-            retain,
-            num_classes=k,
-            anchor_class=cfg.anchor_class,
-            steps=cfg.unlearn_steps,
-            batch_size=cfg.unlearn_batch_size,
-            lr=cfg.unlearn_lr,
-            class_dropout=cfg.class_dropout,
-            esd_eta=cfg.esd_eta,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
-        rows[method], panels[method] = evaluate_generator(cfg, result.model, judge, k, real_feats, method)
-        rows[method]["seconds"] = result.seconds
+        result = unlearn_method(cfg, st, method, u)
+        rows[method], panels[method] = evaluate_generator(cfg, result.model, st.judge, k, st.real_feats, method, u)
+        rows[method].update(method_row(result))
         losses[method] = result.losses
+        models[method] = result.model
         if method == "MUNBa":
             trace = result.bargain_log
+    relearn = {}
+    if retrain is not None:
+        models["Retrain"] = retrain
+        images = Subset(st.forget.x[: cfg.relearn_images], st.forget.y[: cfg.relearn_images])
+        for name, model in models.items():
+            relearn[name] = relearn_generator(cfg, model, st.judge, images, k, u)
+            print(f"  relearn {name:8s} forget recognition {relearn[name]['forget_recognition']}")
+    return rows, panels, losses, trace, relearn
+
+
+def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
+    """The class-conditional run (``ds``: the loaded data, default: load ``cfg.dataset``)."""
+    st = setup(cfg, ds)
+    retrain = None
+    if cfg.relearn:
+        retrain, retrain_s = pretrained_ddpm(
+            cfg, st.retain, st.in_channels, st.num_classes, kind="ddpm-retrain"
+        )
+        print(f"Retrain DDPM ready ({retrain_s:.0f}s training)")
+    per_seed, relearn_seeds = [], []
+    for u in range(cfg.seeds):
+        rows, p, losses_u, trace_u, relearn_u = run_seed(cfg, st, u, retrain)
+        if u == 0:
+            panels, losses, trace = p, losses_u, trace_u
+        per_seed.append(rows)
+        relearn_seeds.append(relearn_u)
+    from .classify import aggregate
+
+    methods = aggregate(per_seed)
+    for row in methods.values():  # per-class accuracies: the mean is enough next to per_seed
+        row.pop("per_class_accuracy", None)
+    relearn = {}
+    for name in relearn_seeds[0]:
+        curves = [r[name]["forget_recognition"] for r in relearn_seeds]
+        relearn[name] = {
+            "images": relearn_seeds[0][name]["images"],
+            "steps": relearn_seeds[0][name]["steps"],
+            "forget_recognition": [statistics.fmean(c) for c in zip(*curves)],
+            "std": [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*curves)],
+            "per_seed": curves,
+        }
     config = asdict(cfg)
-    config.update(judge_test_accuracy=sum(judge_acc.values()) / k, judge_seconds=judge_s, ddpm_seconds=ddpm_s)
-    return {"config": config, "methods": rows, "losses": losses}, panels, trace
+    config.update(judge_test_accuracy=st.judge_accuracy, judge_seconds=st.judge_seconds, ddpm_seconds=st.ddpm_seconds)
+    return {"config": config, "methods": methods, "losses": losses, "relearn": relearn}, panels, trace
+
+
+def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: int, unlearn_seed: int = 0) -> dict:
+    """Forget recognition of the forget class's generations along the relearning attack."""
+    labels = torch.full((cfg.samples_per_class,), cfg.forget_class, device=cfg.device)
+    steps, recognition = [], []
+    for step, relearned in ddpm.relearn_checkpoints(
+        model,
+        images,
+        steps=cfg.relearn_steps,
+        every=cfg.relearn_every,
+        lr=cfg.relearn_lr,
+        batch_size=min(cfg.unlearn_batch_size, len(images)),
+        seed=cfg.seed + 777 + unlearn_seed,  # the same stream for every model
+    ):
+        samples = ddpm.sample(
+            relearned,
+            labels,
+            null_class=num_classes,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            seed=cfg.seed + 4242 + unlearn_seed,
+        )
+        steps.append(step)
+        recognition.append(accuracy(predict(judge, samples.to(cfg.device)), labels.cpu()))
+    return {"images": len(images), "steps": steps, "forget_recognition": recognition}
 
 
 def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_names) -> str:
@@ -429,6 +642,17 @@ def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_na
     save_sample_grid(shown, out / "samples.png", [f"{i} {n}" for i, n in enumerate(class_names)], title)
     if trace:
         plot_bargain_trace(trace, out / "munba_bargain.png", "MUNBa bargaining weights and cos φ")
+    if results.get("relearn"):
+        curves = {
+            name: {f"{c['images']} forget images": {"steps": c["steps"], "forget_acc": c["forget_recognition"]}}
+            for name, c in results["relearn"].items()
+        }
+        plot_relearn(
+            curves,
+            out / "relearn.png",
+            f"relearning attack: {title}",
+            ylabel="forget-class generations recognised (%)",
+        )
     return table
 
 
@@ -442,7 +666,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run_stable_diffusion(cfg)
     results, panels, trace = run(cfg, ds)
-    k = len(results["methods"]["Original"]["per_class_accuracy"])
+    k = len(panels["Original"])
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion_mnist" else [str(i) for i in range(k)]
     table = write_report(cfg, results, panels, trace, names)
     print("\n" + table)

@@ -88,6 +88,16 @@ def unwrap(wrapped: nn.Module, model: nn.Module, ranks: Ranks) -> nn.Module:
     return model
 
 
+def broadcast_mask(mask: torch.Tensor | None, n: int, ranks: Ranks) -> torch.Tensor | None:
+    """Rank 0's boolean mask of length ``n`` on every rank (a forget set only rank 0 can pick)."""
+    if ranks.mode is None:
+        return mask
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    buf = (mask if ranks.lead else torch.zeros(n, dtype=torch.bool)).to(device, torch.uint8)
+    dist.broadcast(buf, src=0)
+    return buf.bool().cpu()
+
+
 def shutdown(ranks: Ranks) -> None:
     if ranks.mode is not None:
         dist.destroy_process_group()

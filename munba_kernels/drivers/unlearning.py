@@ -2,23 +2,37 @@
 
 Every method gets the same budget and data order: one *epoch* is one pass over the retain
 set in seeded batches; methods that also use forget data draw a forget batch alongside,
-sized so that the same epoch is also one pass over the forget set.  All methods use SGD
-with momentum 0.9 and weight decay 5e-4 (the published MUNBa recipe) and differ only in
-their loss and in how they combine gradients:
+sized so that the same epoch is also one pass over the forget set.  Every method's
+optimizer is built from one :class:`Recipe` (base rule, momentum, weight decay, clip,
+epochs), so the methods differ only in their losses and in how they combine gradients:
 
     FT        fine-tune on retain                       CE(retain)
     GA        gradient ascent on forget                 −CE(forget)
     RL        random labels, mixed with retain          CE(forget ∪ retain, random forget labels)
-    NegGrad+  weighted ascent + descent, one backward   β·CE(retain) − (1−β)·CE(forget), β = 0.9
+    NegGrad+  weighted ascent + descent, one backward   β·CE(retain) − (1−β)·CE(forget), β from a grid
     Naive     MUNBa's two losses summed                 CE(forget, random labels) + CE(retain)
-    MUNBa     the same two losses, Nash-bargained       MUNBaOptimizer.paper_faithful (clip ‖d‖ = 1)
+    MUNBa     the same two losses, Nash-bargained       MUNBaOptimizer (the published recipe)
+    MUNBa-GA  NegGrad+'s two losses, Nash-bargained     −CE(forget) and CE(retain)
+
+Naive/MUNBa and NegGrad+/MUNBa-GA are the pairs that isolate bargaining: the same two
+losses, the same optimizer and clip, combined by a sum or by the Nash bargain.
+
+The clip (``Recipe.max_grad_norm``) bounds the norm of whatever direction a method hands
+to the base rule: MUNBa's ‖d‖ (clipped inside the optimizer, exactly, at no extra pass),
+the summed gradient of Naive/NegGrad+, and the single gradient of FT/GA/RL.  The
+published recipe clips MUNBa's step to 1; comparing it with an unclipped sum would
+measure the clip, not the bargaining, so every method gets the same clip (exact, like
+MUNBa's: no ``+1e-6``).
 
 Random labels are drawn uniformly over all classes at every step, as in the published
-recipe.  Retrain (train from scratch on retain) is the gold standard, not a method here.
+recipe; Naive and MUNBa draw the same labels.  Retrain (train from scratch on retain) is
+the gold standard, not a method here.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +44,99 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from munba_kernels import MUNBaOptimizer
+from munba_kernels.bargaining import validate_power
 
 from . import parallel
 
-METHODS = ("FT", "GA", "RL", "NegGrad+", "Naive", "MUNBa")
+METHODS = ("FT", "GA", "RL", "NegGrad+", "Naive", "MUNBa", "MUNBa-GA")
+#: Methods that combine a forget and a preserve objective; the fairness contract binds them.
+TWO_OBJECTIVE = ("NegGrad+", "Naive", "MUNBa", "MUNBa-GA")
+#: The forget loss each method uses (``None``: no forget loss).
+FORGET_LOSS = {
+    "FT": None,
+    "GA": "gradient_ascent",
+    "RL": "random_labels",
+    "NegGrad+": "gradient_ascent",
+    "Naive": "random_labels",
+    "MUNBa": "random_labels",
+    "MUNBa-GA": "gradient_ascent",
+}
 NEGGRAD_BETA = 0.9
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The optimizer settings every unlearning method is built from: the one place they live.
+
+    ``base`` is the update rule ("sgd" or "adamw"); ``max_grad_norm`` clips the direction each
+    method steps along (``None``: no clip); ``epochs`` is the budget.  ``power_ratio`` is
+    MUNBa's bargaining power w_f/w_r, normalised to w_f + w_r = 2 so that the unclipped step
+    length (‖d‖² = w_f + w_r) stays that of equal power; it has no counterpart in a sum.
+    The default is the published recipe (``MUNBaOptimizer.paper_faithful``).
+    """
+
+    base: str = "sgd"
+    momentum: float = MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+    max_grad_norm: float | None = 1.0
+    epochs: int = 2
+    power_ratio: float = 1.0
+
+    def __post_init__(self):
+        if self.base not in ("sgd", "adamw"):
+            raise ValueError(f"Recipe.base must be 'sgd' or 'adamw', got {self.base!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"Recipe.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.epochs < 1:
+            raise ValueError(f"Recipe.epochs must be at least 1, got {self.epochs!r}")
+        validate_power((self.power_ratio, 1.0))
+
+    @property
+    def bargaining_power(self) -> tuple[float, float]:
+        r = self.power_ratio
+        return (2 * r / (1 + r), 2 / (1 + r))
+
+    def optimizer(self, method: str, params, lr: float) -> torch.optim.Optimizer:
+        """MUNBa's optimizer clips ‖d‖ itself; the others get the same clip from :func:`clip_grads_`."""
+        if method.startswith("MUNBa"):
+            extra = {"momentum": self.momentum} if self.base == "sgd" else {}
+            return MUNBaOptimizer(
+                params,
+                lr,
+                base=self.base,
+                weight_decay=self.weight_decay,
+                max_grad_norm=self.max_grad_norm,
+                bargaining_power=self.bargaining_power,
+                **extra,
+            )
+        if self.base == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+
+
+PAPER = Recipe()
+
+
+def optimizer_settings(opt: torch.optim.Optimizer, max_grad_norm: float | None) -> dict:
+    """What an optimizer was actually built with, read back from it (for results.json)."""
+    group = opt.param_groups[0]
+    munba = isinstance(opt, MUNBaOptimizer)
+    base = group["base"] if munba else type(opt).__name__.lower()
+    out = {
+        "optimizer": f"MUNBaOptimizer(base={base})" if munba else type(opt).__name__,
+        "base": base,
+        "lr": float(group["lr"]),
+        "weight_decay": group["weight_decay"],
+        "max_grad_norm": opt.max_grad_norm if munba else max_grad_norm,
+    }
+    if base == "sgd":
+        out["momentum"] = group["momentum"]
+    else:
+        out["betas"] = list(group["betas"])
+    if munba:
+        out["bargaining_power"] = list(opt.bargaining_power)
+    return out
 
 
 @dataclass
@@ -54,6 +155,14 @@ class UnlearningRun:
     model: nn.Module
     seconds: float
     bargain_log: list[tuple[float, float, float]] = field(default_factory=list)  # (α_f, α_r, cos) per step
+    #: optimizer settings read back from the optimizer, plus epochs, steps, forget loss, β
+    settings: dict = field(default_factory=dict)
+    #: (norm of the direction before the clip, norm handed to the base rule) per step
+    step_norms: list[tuple[float, float]] = field(default_factory=list)
+    #: fingerprint of the batch plan (indices of every retain and forget batch, in order)
+    plan_digest: str = ""
+    #: the run as it stood after each requested epoch (``unlearn(snapshots=...)``), by epoch
+    snapshots: dict[int, UnlearningRun] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, device, world: int = 1) -> Iterator[Tensor]:
@@ -101,6 +210,25 @@ def random_labels(y: Tensor, num_classes: int, gen: torch.Generator) -> Tensor:
     return torch.randint(0, num_classes, y.shape, generator=gen).to(y.device)
 
 
+def clip_grads_(params, max_norm: float | None) -> Tensor:
+    """Scale the gradients of ``params`` to total norm ≤ ``max_norm`` (exactly, as MUNBa's
+    clip: no ``+1e-6``); returns the norm before clipping.  FSDP2's sharded gradients are
+    scaled shard by shard with the global norm; nothing reads a value on the host."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        scale = (max_norm / norm).clamp(max=1.0)  # a zero gradient gives inf → 1
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        torch._foreach_mul_(local, scale.to(local[0].device))
+    return norm
+
+
 def unlearn(
     method: str,
     model: nn.Module,
@@ -108,28 +236,39 @@ def unlearn(
     retain: Subset,
     *,
     num_classes: int,
-    epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
+    recipe: Recipe = PAPER,
+    beta: float = NEGGRAD_BETA,
+    snapshots: tuple[int, ...] = (),
     progress: bool = True,
     ranks: parallel.Ranks = parallel.SINGLE_PROCESS,
 ) -> UnlearningRun:
     """Run ``method`` in place on ``model`` (a copy of the original); returns it with timing.
 
+    ``recipe`` builds the optimizer and sets the budget; ``beta`` is NegGrad+'s retain weight.
+    ``snapshots`` (epochs below ``recipe.epochs``) also returns the run as it stood after
+    those epochs: with a constant learning rate, the batches of the first k epochs and the
+    random labels of their steps (a generator of their own) do not depend on the budget, so
+    a snapshot at epoch k is exactly a k-epoch run (tested), at a fraction of the cost.
     Under torchrun (``ranks``), every rank draws the same batches and trains on its slice
     of each; the trained weights are complete on every rank afterwards.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 0 < beta < 1:
+        raise ValueError(f"NegGrad+ beta must lie in (0, 1), got {beta!r}")
+    if any(not 1 <= e < recipe.epochs for e in snapshots) or (snapshots and ranks.world > 1):
+        raise ValueError(f"snapshots must be epochs in 1..{recipe.epochs - 1} of a single-process run, got {snapshots}")
     gen = torch.Generator().manual_seed(seed)
-    device, world = retain.x.device, ranks.world
+    label_gen = torch.Generator().manual_seed(seed + 1)  # random labels: independent of the budget
+    device, world, epochs = retain.x.device, ranks.world, recipe.epochs
     plain, model = model, parallel.wrap(model, ranks)
-    if method == "MUNBa":
-        opt = MUNBaOptimizer.paper_faithful(model.parameters(), lr=lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    opt = recipe.optimizer(method, model.parameters(), lr)
+    clip = recipe.max_grad_norm
     log: list[Tensor] = []
+    norms: list[Tensor] = []
     step_fn = _STEPS[method]
 
     if method == "GA":
@@ -148,27 +287,72 @@ def unlearn(
             _paired_batches(len(retain), len(forget), batch_size, epochs, gen, device, method != "FT", world)
         )
 
+    per_epoch = len(plan) // epochs  # every epoch has the same number of steps
+    kept: dict[int, tuple[nn.Module, float]] = {}
     model.train()
     start = time.perf_counter()
-    for r_idx, f_idx in tqdm(
-        plan, desc=f"{method} lr={lr:g}", unit="step", disable=not progress, leave=False
+    for step, (r_idx, f_idx) in enumerate(
+        tqdm(plan, desc=f"{method} lr={lr:g}", unit="step", disable=not progress, leave=False)
     ):
+        if step and step % per_epoch == 0 and step // per_epoch in snapshots:
+            kept[step // per_epoch] = (copy.deepcopy(plain).eval(), time.perf_counter() - start)
+            model.train()
         if method == "RL":
             is_forget = r_idx < len(forget)
-            labels = torch.where(is_forget, random_labels(union.y[r_idx], num_classes, gen), union.y[r_idx])
-            step_fn(model, opt, None, ranks.local(Subset(union.x[r_idx], labels)))
+            labels = torch.where(
+                is_forget, random_labels(union.y[r_idx], num_classes, label_gen), union.y[r_idx]
+            )
+            fb, rb = None, ranks.local(Subset(union.x[r_idx], labels))
         else:
             fb = None if f_idx is None else Subset(forget.x[f_idx], forget.y[f_idx])
             rb = None if r_idx is None else Subset(retain.x[r_idx], retain.y[r_idx])
-            if fb is not None and method in ("Naive", "MUNBa"):
-                fb = Subset(fb.x, random_labels(fb.y, num_classes, gen))
-            step_fn(model, opt, ranks.local(fb), ranks.local(rb))
-        if method == "MUNBa":
+            if fb is not None and FORGET_LOSS[method] == "random_labels":
+                fb = Subset(fb.x, random_labels(fb.y, num_classes, label_gen))
+            fb, rb = ranks.local(fb), ranks.local(rb)
+        opt.zero_grad(set_to_none=True)
+        if method.startswith("MUNBa"):
+            forget_term = _ce(model, fb) if method == "MUNBa" else -_ce(model, fb)
+            forget_term.backward()
+            opt.capture_forget()
+            _ce(model, rb).backward()
+            opt.step()
             b = opt.last_bargain
             log.append(torch.cat([b.alpha, b.cos[None]]).float())
+            norms.append(torch.stack([b.direction_norm, b.direction_norm * b.clip_scale]).float())
+        else:
+            step_fn(model, fb, rb, beta).backward()
+            raw = clip_grads_(model.parameters(), clip)
+            norms.append(torch.stack([raw, raw if clip is None else raw.clamp(max=clip)]).float())
+            opt.step()
     seconds = time.perf_counter() - start
     bargain_log = [tuple(row) for row in torch.stack(log).tolist()] if log else []
-    return UnlearningRun(parallel.unwrap(model, plain, ranks).eval(), seconds, bargain_log)
+    step_norms = [tuple(row) for row in torch.stack([n.cpu() for n in norms]).tolist()] if norms else []
+    settings = {**optimizer_settings(opt, clip), "forget_loss": FORGET_LOSS[method]}
+    if method == "NegGrad+":
+        settings["beta"] = beta
+
+    def upto(epoch: int, trained: nn.Module, secs: float) -> UnlearningRun:
+        k = epoch * per_epoch
+        return UnlearningRun(
+            trained,
+            secs,
+            bargain_log[:k],
+            {**settings, "epochs": epoch, "steps": k},
+            step_norms[:k],
+            _digest(plan[:k]),
+        )
+
+    run = upto(epochs, parallel.unwrap(model, plain, ranks).eval(), seconds)
+    run.snapshots = {e: upto(e, m, secs) for e, (m, secs) in sorted(kept.items())}
+    return run
+
+
+def _digest(plan) -> str:
+    h = hashlib.sha1()
+    for pair in plan:
+        for idx in pair:
+            h.update(b"-" if idx is None else idx.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _paired_batches(n_retain, n_forget, batch_size, epochs, gen, device, with_forget, world=1) -> Iterator:
@@ -191,32 +375,15 @@ def _ce(model, batch: Subset) -> Tensor:
     return F.cross_entropy(model(batch.x), batch.y)
 
 
-def _single_loss_step(loss_fn: Callable) -> Callable:
-    def step(model, opt, fb, rb):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, fb, rb).backward()
-        opt.step()
-
-    return step
-
-
-def _munba_step(model, opt: MUNBaOptimizer, fb: Subset, rb: Subset) -> None:
-    opt.zero_grad(set_to_none=True)
-    _ce(model, fb).backward()
-    opt.capture_forget()
-    _ce(model, rb).backward()
-    opt.step()
-
-
-_STEPS = {
-    "FT": _single_loss_step(lambda m, fb, rb: _ce(m, rb)),
-    "GA": _single_loss_step(lambda m, fb, rb: -_ce(m, fb)),
-    "RL": _single_loss_step(lambda m, fb, rb: _ce(m, rb)),
-    "NegGrad+": _single_loss_step(
-        lambda m, fb, rb: NEGGRAD_BETA * _ce(m, rb) - (1 - NEGGRAD_BETA) * _ce(m, fb)
-    ),
-    "Naive": _single_loss_step(lambda m, fb, rb: _ce(m, fb) + _ce(m, rb)),
-    "MUNBa": _munba_step,
+# The loss each non-bargaining method back-propagates in one backward pass.
+_STEPS: dict[str, Callable] = {
+    "FT": lambda m, fb, rb, beta: _ce(m, rb),
+    "GA": lambda m, fb, rb, beta: -_ce(m, fb),
+    "RL": lambda m, fb, rb, beta: _ce(m, rb),
+    "NegGrad+": lambda m, fb, rb, beta: beta * _ce(m, rb) - (1 - beta) * _ce(m, fb),
+    "Naive": lambda m, fb, rb, beta: _ce(m, fb) + _ce(m, rb),
+    "MUNBa": None,  # two backward passes, bargained in the optimizer
+    "MUNBa-GA": None,
 }
 
 
