@@ -8,6 +8,9 @@ from other processes on a shared machine hits all of them alike:
   plain-ops-compiled  the same function under torch.compile (compilation is warm-up, never timed;
                       if it fails here, the row says why)
   munba-<name>        MUNBaOptimizer(backend=<name>) for every backend usable on the device
+  naive-sum-3players, munba-<name>-3players
+                      the same with a third gradient (K = 3: a 6-entry Gram, Newton's α; the
+                      plain-torch backend is left out, it is the oracle, not a contender)
   copy-probe          a copy of 8 bytes per parameter (the Gram's traffic), measured in the same run
                       to give every row an effective bandwidth and its share of the probe's
 
@@ -46,12 +49,19 @@ VARIANTS = (
     "plain-ops",
     "plain-ops-compiled",
     *(f"munba-{name}" for name in backends.BACKEND_NAMES if name != "auto"),
+    # three players (a third gradient): the naive sum of three, and the K-general bargained step
+    "naive-sum-3players",
+    *(f"munba-{name}-3players" for name in backends.BACKEND_NAMES if name not in ("auto", "torch")),
     "copy-probe",
 )
 # Arrays an ideal implementation of each row's math reads + writes per parameter (× element
-# size): AdamW alone 4 + 3; summed gradients 5 + 3; MUNBa (Gram 2, update 5 + 3) 10; probe 1 + 1.
-BYTES_PER_ELEMENT = {"fused-adamw": 7, "naive-sum": 8, "copy-probe": 2}
-MUNBA_BYTES_PER_ELEMENT = 10
+# size): AdamW alone 4 + 3; summed gradients 5 + 3 (three: 6 + 3); MUNBa with K gradients
+# (Gram K, update K + 3 reads + 3 writes) 2K + 6; probe 1 + 1.
+BYTES_PER_ELEMENT = {"fused-adamw": 7, "naive-sum": 8, "naive-sum-3players": 9, "copy-probe": 2}
+
+
+def munba_bytes_per_element(name: str) -> int:
+    return 2 * (3 if name.endswith("-3players") else 2) + 6
 MEMORY_STEPS = 3
 
 
@@ -84,6 +94,11 @@ class StepInputs:
     def g_r(self) -> list[torch.Tensor]:
         return self._seeded(2)
 
+    @cached_property
+    def g_3(self) -> list[torch.Tensor]:
+        """A third player's gradient (the ``-3players`` rows)."""
+        return self._seeded(3)
+
     def params(self) -> list[torch.nn.Parameter]:
         return [torch.nn.Parameter(t) for t in self._seeded(0)]
 
@@ -111,11 +126,16 @@ def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
         dst = [torch.empty_like(g) for g in inputs.g_f]
         return lambda: torch._foreach_copy_(dst, inputs.g_f)
     params = inputs.params()
-    if name in ("fused-adamw", "naive-sum"):
+    if name in ("fused-adamw", "naive-sum", "naive-sum-3players"):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
         def adamw_step():
-            grads = inputs.g_f if name == "fused-adamw" else torch._foreach_add(inputs.g_f, inputs.g_r)
+            if name == "fused-adamw":
+                grads = inputs.g_f
+            else:
+                grads = torch._foreach_add(inputs.g_f, inputs.g_r)
+                if name == "naive-sum-3players":
+                    torch._foreach_add_(grads, inputs.g_3)
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
@@ -132,18 +152,21 @@ def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
         except Exception as err:  # any compiler failure makes the row unavailable
             raise Unavailable(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
         return lambda: compiled(params, opt, inputs.g_f, inputs.g_r)
-    backend = name.removeprefix("munba-")
+    backend = name.removeprefix("munba-").removesuffix("-3players")
     try:
         backends.resolve(backend, torch.device(inputs.device))
     except RuntimeError as err:  # not built here, or e.g. the C++ kernels on a GPU
         raise Unavailable(str(err)) from err
-    opt = MUNBaOptimizer(params, lr=1e-4, backend=backend)
+    players = ("forget", "neighbour", "preserve") if name.endswith("-3players") else ("forget", "preserve")
+    opt = MUNBaOptimizer(params, lr=1e-4, backend=backend, players=players)
+    grads = [inputs.g_f, inputs.g_3, inputs.g_r] if len(players) == 3 else [inputs.g_f, inputs.g_r]
 
     def munba_step():
-        for p, g in zip(params, inputs.g_f):
-            p.grad = g
-        opt.capture_forget()
-        for p, g in zip(params, inputs.g_r):
+        for player, player_grads in zip(players[:-1], grads):
+            for p, g in zip(params, player_grads):
+                p.grad = g
+            opt.capture(player)
+        for p, g in zip(params, grads[-1]):
             p.grad = g
         opt.step()
 
@@ -185,7 +208,7 @@ def summarize(stats: dict[str, tuple[float, float]], numel: int, dtype: torch.dt
     size = torch.finfo(dtype).bits // 8
     rows = {}
     for name, (median, iqr) in stats.items():
-        moved = numel * size * BYTES_PER_ELEMENT.get(name, MUNBA_BYTES_PER_ELEMENT)
+        moved = numel * size * BYTES_PER_ELEMENT.get(name, munba_bytes_per_element(name))
         rows[name] = dict(median_ms=median * 1e3, iqr_ms=iqr * 1e3, gb_per_s=moved / median / 1e9)
     for row in rows.values():
         if "fused-adamw" in rows:

@@ -5,7 +5,8 @@ preserve gradient at ``scaler.step(opt)`` time; the forget gradient sits in the 
 With the stock scaler a forget overflow is caught by the optimizer itself (``NONFINITE``: the step is
 skipped on the device), but the scaler never learns of it, so the scale never backs off and every
 later step overflows and is skipped as well.  :class:`GradScaler` adds
-``optimizer.captured_forget_gradients()`` to the unscale and inf check, so the stock flow works::
+``optimizer.captured_gradients()`` (the forget gradient; every captured player for K > 2) to the
+unscale and inf check, so the stock flow works::
 
     scaler = munba_kernels.amp.GradScaler("cuda")
     with opt.forget_gradients():
@@ -31,11 +32,12 @@ __all__ = ["GradScaler", "cooperating_scaler", "warn_if_blind"]
 
 
 class GradScaler(torch.amp.GradScaler):
-    """``torch.amp.GradScaler`` whose unscale/inf check also covers a MUNBa forget-gradient capture."""
+    """``torch.amp.GradScaler`` whose unscale/inf check also covers MUNBa's captured gradients
+    (every player but the live one: the forget gradient for two players)."""
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
-        captured = getattr(optimizer, "captured_forget_gradients", None)
+        captured = getattr(optimizer, "captured_gradients", None)
         grads = captured() if callable(captured) else []
         if not grads:
             return per_device
