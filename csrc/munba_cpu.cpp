@@ -299,6 +299,53 @@ double dot_chunk(const T* a, const T* b, int64_t n) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
+// Every pair's dot_chunk for K players in one read of the chunk, when every player has a
+// gradient there (K = 3, 4).  Pair q = (x, y) of the packed upper triangle keeps dot_chunk's
+// lanes and fold, so the sums are bitwise dot_chunk's; only the reads are shared (six or ten
+// independent accumulator chains instead of two also keep the FMA-less adds busy).
+template <typename T, int K>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void gram_chunk_k(const T* const* g, int64_t n, double* out) {
+  constexpr int P = K * (K + 1) / 2;
+  v4d lo[P] = {}, hi[P] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v4d a[K], b[K];
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      a[k] = load4(g[k] + i);
+      b[k] = load4(g[k] + i + 4);
+    }
+    int q = 0;
+#pragma GCC unroll 4
+    for (int x = 0; x < K; ++x) {
+#pragma GCC unroll 4
+      for (int y = x; y < K; ++y, ++q) {
+        lo[q] += a[x] * a[y];
+        hi[q] += b[x] * b[y];
+      }
+    }
+  }
+  double lanes[P][8];
+  for (int q = 0; q < P; ++q) {
+    for (int k = 0; k < 4; ++k) {
+      lanes[q][k] = lo[q][k], lanes[q][k + 4] = hi[q][k];
+    }
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {
+    int q = 0;
+    for (int x = 0; x < K; ++x) {
+      for (int y = x; y < K; ++y, ++q) {
+        lanes[q][lane] += load<double>(g[x][i]) * load<double>(g[y][i]);
+      }
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    const double* l = lanes[q];
+    out[q] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
+}
+
 // grads[k][i]: player k's gradient of tensor i (nullopt or undefined = missing).
 using Players = std::vector<OptTensors>;
 
@@ -374,7 +421,21 @@ Tensor gram(const Players& grads) {
         }
         return;
       }
-      for (size_t q = 0; q < width; ++q) {
+      const scalar_t* all[4] = {};
+      bool every = players <= 4;
+      for (size_t k = 0; every && k < players; ++k) {
+        all[k] = slice(k);
+        every = all[k] != nullptr;
+      }
+      if (every && players == 3) {
+        gram_chunk_k<scalar_t, 3>(all, n, out);
+        return;
+      }
+      if (every && players == 4) {
+        gram_chunk_k<scalar_t, 4>(all, n, out);
+        return;
+      }
+      for (size_t q = 0; q < width; ++q) {  // a missing player, or K > 4: pair by pair (same bits)
         const scalar_t *a = slice(pairs[q].first), *b = slice(pairs[q].second);
         out[q] = a && b ? dot_chunk(a, b, n) : 0.0;
       }
@@ -520,6 +581,18 @@ void with_state_type(at::ScalarType state_dtype, const Body& body) {
   body(T{});
 }
 
+// sum[i] (+)= (g[i]·s)·c over one tile: one player's term of a K >= 3 direction, added in
+// player order (``first``: the tile's first present player sets it).
+template <typename T, typename op_t>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_player_term(op_t* sum, const T* g, int64_t n, op_t s, op_t c, bool first) {
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) sum[i] = (load<op_t>(g[i]) * s) * c;
+  } else {
+    for (int64_t i = 0; i < n; ++i) sum[i] = sum[i] + (load<op_t>(g[i]) * s) * c;
+  }
+}
+
 // Calls body(kF, kR, p, f, r, n) for one update chunk, with f, r the first and last player's
 // gradient slices and c, s their coefficients (so that the two-player fused loops serve
 // every K).  With K >= 3 players the direction is combined tile by tile into an L1 buffer in
@@ -541,18 +614,17 @@ void for_update_chunk(const Bucket& b, const Chunk& ch, const Direction& dir, co
     });
     return;
   }
-  op_t sum[kTile];
-  for (int64_t begin = 0; begin < n; begin += kTile) {
-    const int64_t len = std::min(kTile, n - begin);
+  // 2048 fp32 (8 KiB, 16 KiB in fp64) stay in L1 beside the streams' lines and amortise the
+  // K + 1 calls per tile.
+  constexpr int64_t kDirectionTile = 2048;
+  op_t sum[kDirectionTile];
+  for (int64_t begin = 0; begin < n; begin += kDirectionTile) {
+    const int64_t len = std::min(kDirectionTile, n - begin);
     bool first = true;
     for (size_t k = 0; k < b.grads.size(); ++k) {
       const T* g = slice(k);
       if (!g) continue;
-      const op_t c = op_t(dir.c[k]), s = op_t(dir.s[k]);
-      for (int64_t i = 0; i < len; ++i) {
-        const op_t term = (load<op_t>(g[begin + i]) * s) * c;
-        sum[i] = first ? term : sum[i] + term;
-      }
+      add_player_term(sum, g + begin, len, op_t(dir.c[k]), op_t(dir.s[k]), first);
       first = false;
     }
     body(std::true_type{}, std::false_type{}, p + begin, static_cast<const op_t*>(sum),
