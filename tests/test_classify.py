@@ -436,3 +436,24 @@ def test_a_snapshot_at_epoch_k_is_exactly_a_k_epoch_run(method, digits_split, or
     with pytest.raises(ValueError, match="snapshots"):
         run(2, snapshots=(2,))
 
+
+
+def test_every_option_named_like_a_config_field_reaches_the_config():
+    """options.config_from_args: the CLI-to-config mapping is the parser's; a field an option
+    names must carry the parsed value, a field no option names keeps its default."""
+    import dataclasses
+
+    from munba_kernels.drivers import options
+
+    @dataclasses.dataclass
+    class Small:
+        forget_ratio: float = 0.1
+        seeds: int = 1
+        untouched: str = "default"
+        progress: bool = True
+
+    args = classify.build_parser().parse_args(["--forget-ratio", "0.25", "--seeds", "2", "--no-progress"])
+    cfg = options.config_from_args(Small, args, progress=not args.no_progress)
+    assert cfg == Small(forget_ratio=0.25, seeds=2, untouched="default", progress=False)
+    full = classify.parse_args(["--forget-ratio", "0.25", "--seeds", "2", "--neggrad-betas", "0.5"])
+    assert (full.forget_ratio, full.seeds, full.neggrad_betas) == (0.25, 2, [0.5])

@@ -236,36 +236,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     a = p.parse_args(argv)
     methods = options.method_list(p, a.methods, METHODS)
     options.check_data_dir(p, a.dataset, a.data_dir)
-    cfg = Config(
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        model=a.model,
-        scenario=a.scenario,
-        forget_classes=a.forget_classes,
-        forget_ratio=a.forget_ratio,
+    cfg = options.config_from_args(
+        Config,
+        a,
         methods=methods,
-        seeds=a.seeds,
-        epochs=a.epochs,
-        pretrain_epochs=a.pretrain_epochs,
-        pretrain_lr=a.pretrain_lr,
-        train_size=a.train_size,
-        test_size=a.test_size,
-        batch_size=a.batch_size,
-        device=a.device,
-        out=a.out,
-        cache_dir=a.cache_dir,
-        quick=a.quick,
         progress=not a.no_progress,
-        distributed=a.distributed,
-        recipe=a.recipe,
-        max_grad_norm=a.max_grad_norm,
-        power=a.power,
-        neggrad_betas=a.neggrad_betas,
-        lr_grid=a.lr_grid,
         relearn=not a.no_relearn,
-        relearn_steps=a.relearn_steps,
-        relearn_lr=a.relearn_lr,
-        relearn_fractions=a.relearn_fractions,
     )
     try:  # the recipe and attack validate their own values
         cfg.unlearning_recipe(), cfg.attack()

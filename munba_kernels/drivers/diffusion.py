@@ -247,45 +247,14 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         given = [o for o, v in {**sd_only, "--anchor-prompt": a.anchor_prompt}.items() if v]
         if given:
             p.error(f"{', '.join(given)}: only for Stable Diffusion, which needs --pretrained DIR")
-    cfg = Config(
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        forget_class=a.forget_class,
-        anchor_class=a.anchor_class,
+    cfg = options.config_from_args(
+        Config,
+        a,
         methods=chosen,
-        image_size=a.image_size,
-        ddpm_steps=a.ddpm_steps,
-        unlearn_steps=a.unlearn_steps,
-        unlearn_lr=a.unlearn_lr,
-        esd_eta=a.esd_eta,
-        max_grad_norm=a.max_grad_norm,
-        power=a.power,
-        power_schedule=a.power_schedule,
-        power_threshold=a.power_threshold,
         relearn=not a.no_relearn,
-        relearn_images=a.relearn_images,
-        relearn_steps=a.relearn_steps,
-        relearn_every=a.relearn_every,
-        relearn_lr=a.relearn_lr,
-        sample_steps=a.sample_steps,
-        guidance=a.guidance,
-        samples_per_class=a.samples_per_class,
-        seed=a.seed,
-        seeds=a.seeds,
-        device=a.device,
-        out=a.out,
-        cache_dir=a.cache_dir,
-        quick=a.quick,
         progress=not a.no_progress,
-        pretrained=a.pretrained,
         forget_prompts=a.forget_prompt,
-        anchor_prompt=a.anchor_prompt,
         retain_prompts=a.retain_prompt,
-        sd_train=a.sd_train,
-        sd_steps=a.sd_steps,
-        sd_lr=a.sd_lr,
-        sd_images=a.sd_images,
-        sd_inference_steps=a.sd_inference_steps,
     )
     try:  # the recipe validates its own values
         cfg.unlearning_recipe()

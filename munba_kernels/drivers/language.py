@@ -212,34 +212,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         )
     if a.retain_model is not None and a.pretrained is None:
         p.error("--retain-model is for --pretrained runs (the embedded run trains its own)")
-    cfg = Config(
+    cfg = options.config_from_args(
+        Config,
+        a,
         methods=options.method_list(p, a.methods, list(METHODS)),
-        seeds=a.seeds,
-        people=a.people,
-        facts_per_person=a.facts_per_person,
-        forget_ratio=a.forget_ratio,
-        finetune_steps=a.finetune_steps,
         lrs=_lr_list(p, a.lrs),
-        steps=a.steps,
-        max_grad_norm=a.max_grad_norm,
-        npo_beta=a.npo_beta,
-        relearn_steps=a.relearn_steps,
-        relearn_fraction=a.relearn_fraction,
-        relearn_lr=a.relearn_lr,
-        device=a.device,
-        threads=a.threads,
-        out=a.out,
-        cache_dir=a.cache_dir,
-        quick=a.quick,
         progress=not a.no_progress,
-        pretrained=a.pretrained,
-        retain_model=a.retain_model,
-        forget_file=a.forget_file,
-        retain_file=a.retain_file,
-        holdout_file=a.holdout_file,
-        lora=a.lora,
-        lora_r=a.lora_r,
-        distributed=a.distributed,
     )
     if cfg.quick:
         cfg.people, cfg.facts_per_person, cfg.countries = min(cfg.people, 10), min(cfg.facts_per_person, 4), 4

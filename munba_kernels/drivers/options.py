@@ -9,6 +9,7 @@ parsed; checks that need the file system or the loaded data raise :class:`Option
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 from contextlib import contextmanager
@@ -123,3 +124,12 @@ def usage_errors(parser: argparse.ArgumentParser):
         yield
     except (OptionError, DataError, FileNotFoundError) as err:
         parser.error(str(err))
+
+
+def config_from_args(cls, args: argparse.Namespace, **derived):
+    """A driver's dataclass ``cls`` from parsed ``args``: every field named like an option's
+    destination (``--forget-ratio`` -> ``forget_ratio``) takes its value, ``derived`` the rest
+    (values computed or spelled differently), so the CLI-to-config mapping lives in the parser."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **derived})
+
