@@ -22,6 +22,12 @@ the point with the smallest validation gap wins (ties: the first, i.e. the small
 Reported numbers use the other half.  NegGrad+ searches 3 β × 3 rates, three times the
 points of MUNBa-GA; the row "NegGrad+ β=0.9" is the same runs restricted to the hand-set
 β = 0.9, an equal-budget comparison.
+
+Several forget classes (``--scenario class --forget-classes 3 5 7``): every row also reports
+each class's UA (``UA[c]``) and their spread (max − min), which shows whether one class stays
+un-forgotten.  ``--players per-class`` adds, for each MUNBa method, a row that bargains one
+forget player per class plus the preserve player ("MUNBa per-class") beside the two-player
+run with the classes merged, on the same batches, random labels, grid and budget.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from types import SimpleNamespace
 
 import torch
 
-from munba_kernels.evaluation import avg_gap, knn_probe_accuracy, linear_cka, penultimate_features
+from munba_kernels.evaluation import accuracy, avg_gap, knn_probe_accuracy, linear_cka, penultimate_features
 from munba_kernels.evaluation.metrics import GAP_METRICS, unlearning_metrics
 from munba_kernels.evaluation.report import markdown_table, plot_bargain_trace, plot_metric_bars, plot_relearn
 
@@ -64,6 +70,9 @@ NEGGRAD_BETAS = (0.5, NEGGRAD_BETA, 0.99)
 #: Named optimizer recipes (--recipe); "paper" is MUNBa's published classification recipe.
 RECIPES = {"paper": PAPER}
 SCENARIOS = ("class", "random", "hard")
+#: --players: one forget player for the whole forget set, or one per forget class (K = classes + 1).
+PLAYERS = ("merged", "per-class")
+PER_CLASS = " per-class"  # the row-name suffix of a per-class run
 #: Part of every cache key: bump it when training code changes so stale models are not reused.
 CACHE_VERSION = 2  # 2: the original trains on the training subset in its fixed order
 REPORT_COLUMNS = (
@@ -103,6 +112,20 @@ class Config:
     relearn_steps: int = robustness.RelearnAttack.steps
     relearn_lr: float = robustness.RelearnAttack.lr
     relearn_fractions: list[float] = field(default_factory=lambda: list(robustness.RelearnAttack.fractions))
+    players: str = "merged"
+
+    def per_class_groups(self) -> bool:
+        """Several forget classes, each reported on its own (the ``UA[c]`` columns)."""
+        return self.scenario == "class" and len(self.forget_classes) > 1
+
+    def runs(self) -> list[tuple[str, str, bool]]:
+        """(row name, method, one player per class?) of every unlearning run, in order."""
+        out = []
+        for m in self.methods:
+            out.append((m, m, False))
+            if self.players == "per-class" and m.startswith("MUNBa"):
+                out.append((m + PER_CLASS, m, True))
+        return out
 
     def unlearning_recipe(self) -> Recipe:
         """The recipe every method is built from: the named one with this run's overrides."""
@@ -220,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--lr-grid", type=options.positive_float, nargs="+", help="one learning-rate grid for all methods but GA"
     )
+    r.add_argument(
+        "--players",
+        choices=PLAYERS,
+        default=d.players,
+        help="per-class: with --scenario class and several --forget-classes, also run each MUNBa method "
+        "with one forget player per class (K = classes + 1) beside the merged two-player run",
+    )
     a_ = p.add_argument_group("relearning attack")
     a_.add_argument("--no-relearn", action="store_true", help="skip the relearning attack")
     a_.add_argument("--relearn-steps", type=options.positive_int, default=d.relearn_steps)
@@ -247,6 +277,15 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         cfg.unlearning_recipe(), cfg.attack()
     except ValueError as e:
         p.error(str(e))
+    if len(set(cfg.forget_classes)) != len(cfg.forget_classes):
+        p.error(f"--forget-classes: each class once, got {' '.join(map(str, cfg.forget_classes))}")
+    if cfg.players == "per-class":
+        if not cfg.per_class_groups():
+            p.error("--players per-class needs --scenario class and two or more --forget-classes")
+        if not any(m.startswith("MUNBa") for m in cfg.methods):
+            p.error("--players per-class needs a MUNBa method in --methods")
+        if cfg.distributed:
+            p.error("--players per-class runs in a single process (not with --distributed)")
     if cfg.quick:
         cfg.train_size, cfg.test_size = min(cfg.train_size or 600, 600), min(cfg.test_size or 300, 300)
         cfg.epochs, cfg.pretrain_epochs = 1, min(cfg.pretrain_epochs, 3)
@@ -367,6 +406,13 @@ def evaluate(preds: dict, held_out: str) -> dict[str, float]:
     return unlearning_metrics(preds["forget"], preds["retain"], preds[held_out])
 
 
+def class_ua(preds: dict, classes: list[int]) -> dict[str, float]:
+    """UA of each forget class on its own (``UA[c]``) and their spread, max − min."""
+    logits, labels = preds["forget"]
+    ua = {f"UA[{c}]": 100.0 - accuracy(logits[labels == c], labels[labels == c]) for c in classes}
+    return {**ua, "UA spread": max(ua.values()) - min(ua.values())}
+
+
 def representation(model, split: Split, retrain_feats=None) -> tuple[dict[str, float], torch.Tensor]:
     """k-NN probe accuracy on forget features (bank: ``split.probe``) and CKA to Retrain."""
     head = classifier_head(model)
@@ -452,24 +498,27 @@ def run_method(
     log=print,
     ranks=parallel.SINGLE_PROCESS,
     snapshots: tuple[int, ...] = (),
+    per_class: bool = False,
 ) -> tuple[dict[int, dict[str, dict]], list]:
     """Every grid point of ``method``, the point selected on validation, its test row (and for
     NegGrad+ the equal-budget row), for ``cfg.epochs`` and each epoch in ``snapshots`` (read
-    off the same runs: see ``unlearn``).  Returns ({epochs: rows}, the selected final run's
-    bargain trace)."""
+    off the same runs: see ``unlearn``).  ``per_class``: one forget player per forget class
+    (the row is named ``method + PER_CLASS``).  Returns ({epochs: rows}, the selected final
+    run's bargain trace)."""
     split = ctx.split
+    row_name = method + PER_CLASS if per_class else method
     runs: dict[int, list] = {e: [] for e in (*snapshots, cfg.epochs)}
     for point in grid_points(cfg, method):
-        final = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks, snapshots)
+        final = unlearn_with(cfg, method, ctx.original, split, point, seed, ranks, snapshots, per_class)
         for epochs, run in [*final.snapshots.items(), (cfg.epochs, final)]:
             preds = predict_splits(run.model, split)
             gap_val = avg_gap(evaluate(preds, "val"), ctx.retrain_val)
             shown = " ".join(f"{k} {v:<7g}" for k, v in point.items())
-            log(f"  seed {seed} {method:8s} {shown} epochs {epochs:<3d} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
+            log(f"  seed {seed} {row_name:8s} {shown} epochs {epochs:<3d} val Avg. Gap {gap_val:6.2f}  ({run.seconds:.1f}s)")
             runs[epochs].append((gap_val, point, run, preds))
     by_epochs, trace = {}, []
     for epochs, candidates_all in runs.items():
-        selections = {method: candidates_all}
+        selections = {row_name: candidates_all}
         if method == "NegGrad+" and len(cfg.neggrad_betas) > 1 and NEGGRAD_BETA in cfg.neggrad_betas:
             selections[EQUAL_BUDGET_ROW] = [r for r in candidates_all if r[1]["beta"] == NEGGRAD_BETA]
         rows = by_epochs[epochs] = {}
@@ -486,9 +535,11 @@ def run_method(
                 "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
                 "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
                 "plan_digest": run.plan_digest,
+                **(class_ua(preds, cfg.forget_classes) if cfg.per_class_groups() else {}),
+                **_mean_alpha(run),
                 **relearn_row(cfg, run.model, split, seed),
             }
-            if name == method and epochs == cfg.epochs:
+            if name == row_name and epochs == cfg.epochs:
                 trace = run.bargain_log
     return by_epochs, trace
 
@@ -504,12 +555,15 @@ def run_seed(
             mask = parallel.broadcast_mask(None, len(_train_xy(cfg, ds)[1]), ranks)
         split = prepare_data(cfg, ds, seed, mask)
         original = build_model(cfg.model, ds.image_shape[0], split.num_classes).to(cfg.device)
-        for method in cfg.methods:
+        for _, method, per_class in cfg.runs():
             for point in grid_points(cfg, method):
-                unlearn_with(cfg, method, original, split, point, seed, ranks)
+                unlearn_with(cfg, method, original, split, point, seed, ranks, per_class=per_class)
         return {}, []
     ctx = prepare_seed(cfg, ds, seed, ranks)
     split = ctx.split
+    def per_class_ua(model) -> dict:
+        return class_ua(predict_splits(model, split), cfg.forget_classes) if cfg.per_class_groups() else {}
+
     rows = {
         "Retrain": {
             **ctx.retrain_test,
@@ -517,6 +571,7 @@ def run_seed(
             "avg_gap": 0.0,
             "cka_to_retrain": 1.0,
             "seconds": ctx.retrain_seconds,
+            **per_class_ua(ctx.retrain),
             **relearn_row(cfg, ctx.retrain, split, seed),
         }
     }
@@ -526,15 +581,24 @@ def run_seed(
         **representation(ctx.original, split, ctx.retrain_feats)[0],
         "avg_gap": avg_gap(orig_test, ctx.retrain_test),
         "seconds": ctx.original_seconds,
+        **per_class_ua(ctx.original),
         **relearn_row(cfg, ctx.original, split, seed),
     }
     trace = []
-    for method in cfg.methods:
-        by_epochs, method_trace = run_method(cfg, ctx, method, seed, log, ranks)
+    for row_name, method, per_class in cfg.runs():
+        by_epochs, method_trace = run_method(cfg, ctx, method, seed, log, ranks, per_class=per_class)
         rows.update(by_epochs[cfg.epochs])
-        if method == "MUNBa":
+        if row_name == "MUNBa":
             trace = method_trace
     return rows, trace
+
+
+def _mean_alpha(run) -> dict:
+    """MUNBa runs: the players' bargaining weights α averaged over the steps."""
+    if not run.bargain_log:
+        return {}
+    k = len(run.settings["players"])
+    return {"mean_alpha": [statistics.fmean(row[i] for row in run.bargain_log) for i in range(k)]}
 
 
 def _clipped_share(step_norms, clip) -> float:
@@ -553,7 +617,9 @@ def grid_points(cfg: Config, method: str) -> list[dict]:
     return [{"lr": lr} if b is None else {"lr": lr, "beta": b} for lr in lrs for b in betas]
 
 
-def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, seed: int, ranks, snapshots=()):
+def unlearn_with(
+    cfg: Config, method: str, original, split: Split, point: dict, seed: int, ranks, snapshots=(), per_class=False
+):
     return unlearn(
         method,
         copy.deepcopy(original),
@@ -566,6 +632,7 @@ def unlearn_with(cfg: Config, method: str, original, split: Split, point: dict, 
         snapshots=tuple(snapshots),
         progress=cfg.progress and ranks.lead,
         ranks=ranks,
+        forget_groups=tuple(cfg.forget_classes) if per_class else (),
         **point,
     )
 
@@ -595,6 +662,15 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
         mean["per_seed"] = [{k: v for k, v in r.items() if k != "relearn"} for r in rows]
         out[name] = mean
     return out
+
+
+def report_columns(cfg: Config) -> tuple[str, ...]:
+    """REPORT_COLUMNS, with each forget class's UA and their spread after UA when several are forgotten."""
+    if not cfg.per_class_groups():
+        return REPORT_COLUMNS
+    extra = (*(f"UA[{c}]" for c in cfg.forget_classes), "UA spread")
+    i = REPORT_COLUMNS.index("UA") + 1
+    return REPORT_COLUMNS[:i] + extra + REPORT_COLUMNS[i:]
 
 
 def check_before_work(cfg: Config, ranks: parallel.Ranks) -> datasets.ImageData:
@@ -680,7 +756,7 @@ def run(cfg: Config, ranks: parallel.Ranks, ds: datasets.ImageData | None = None
         f"({'classes ' + str(cfg.forget_classes) if cfg.scenario == 'class' else f'{cfg.forget_ratio:.0%}'}), "
         f"{cfg.seeds} seed(s), mean{' ± std' if cfg.seeds > 1 else ''}"
     )
-    table = markdown_table(methods, REPORT_COLUMNS, title)
+    table = markdown_table(methods, report_columns(cfg), title)
     (out / "results.md").write_text(table)
     plot_metric_bars(methods, GAP_METRICS, out / "metrics.png", title)
     written = ["results.json", "results.md", "metrics.png"]

@@ -17,6 +17,11 @@ epochs), so the methods differ only in their losses and in how they combine grad
 Naive/MUNBa and NegGrad+/MUNBa-GA are the pairs that isolate bargaining: the same two
 losses, the same optimizer and clip, combined by a sum or by the Nash bargain.
 
+Several forget classes (``forget_groups``): a MUNBa method may bargain one forget player per
+class plus the preserve player (K = classes + 1) instead of one merged forget player.  The
+step's forget batch and its random labels are the merged run's, split by true class, so the
+two runs see the same data; only how the classes' gradients are combined differs.
+
 The clip (``Recipe.max_grad_norm``) bounds the norm of whatever direction a method hands
 to the base rule: MUNBa's ‖d‖ (clipped inside the optimizer, exactly, at no extra pass),
 the summed gradient of Naive/NegGrad+, and the single gradient of FT/GA/RL.  The
@@ -97,19 +102,27 @@ class Recipe:
         r = self.power_ratio
         return (2 * r / (1 + r), 2 / (1 + r))
 
-    def optimizer(self, method: str, params, lr: float) -> torch.optim.Optimizer:
-        """MUNBa's optimizer clips ‖d‖ itself; the others get the same clip from :func:`clip_grads_`."""
+    def optimizer(self, method: str, params, lr: float, players: tuple[str, ...] | None = None) -> torch.optim.Optimizer:
+        """MUNBa's optimizer clips ‖d‖ itself; the others get the same clip from :func:`clip_grads_`.
+
+        ``players`` (MUNBa only; default forget and preserve): every player but the last is a
+        forget player with power w_f, the last the preserve player with w_r."""
         if method.startswith("MUNBa"):
             extra = {"momentum": self.momentum} if self.base == "sgd" else {}
+            w_f, w_r = self.bargaining_power
+            players = players or ("forget", "preserve")
             return MUNBaOptimizer(
                 params,
                 lr,
                 base=self.base,
                 weight_decay=self.weight_decay,
                 max_grad_norm=self.max_grad_norm,
-                bargaining_power=self.bargaining_power,
+                bargaining_power=(w_f,) * (len(players) - 1) + (w_r,),
+                players=players,
                 **extra,
             )
+        if players is not None:
+            raise ValueError(f"players= is for the MUNBa methods, not {method!r}")
         if self.base == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
@@ -136,6 +149,7 @@ def optimizer_settings(opt: torch.optim.Optimizer, max_grad_norm: float | None) 
         out["betas"] = list(group["betas"])
     if munba:
         out["bargaining_power"] = list(opt.bargaining_power)
+        out["players"] = list(opt.players)
     return out
 
 
@@ -244,6 +258,7 @@ def unlearn(
     snapshots: tuple[int, ...] = (),
     progress: bool = True,
     ranks: parallel.Ranks = parallel.SINGLE_PROCESS,
+    forget_groups: tuple[int, ...] = (),
 ) -> UnlearningRun:
     """Run ``method`` in place on ``model`` (a copy of the original); returns it with timing.
 
@@ -254,6 +269,11 @@ def unlearn(
     a snapshot at epoch k is exactly a k-epoch run (tested), at a fraction of the cost.
     Under torchrun (``ranks``), every rank draws the same batches and trains on its slice
     of each; the trained weights are complete on every rank afterwards.
+    ``forget_groups`` (MUNBa methods, single process): one forget player per listed class, the
+    loss on the samples of the step's forget batch whose true label is that class, all from
+    one forward of the whole batch (BatchNorm normalises the merged run's batch, not
+    single-class slices of it); a class absent from a batch has a zero gradient that step
+    and drops out of the bargain.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -261,11 +281,21 @@ def unlearn(
         raise ValueError(f"NegGrad+ beta must lie in (0, 1), got {beta!r}")
     if any(not 1 <= e < recipe.epochs for e in snapshots) or (snapshots and ranks.world > 1):
         raise ValueError(f"snapshots must be epochs in 1..{recipe.epochs - 1} of a single-process run, got {snapshots}")
+    groups = tuple(int(c) for c in forget_groups)
+    if groups and (not method.startswith("MUNBa") or len(groups) < 2 or len(set(groups)) != len(groups)):
+        raise ValueError(
+            f"forget_groups are two or more distinct classes for a MUNBa method, got {forget_groups!r} for {method!r}"
+        )
+    if groups and ranks.world > 1:  # a class absent from one rank's slice would skip a backward there
+        raise ValueError("forget_groups (one player per class) runs in a single process")
+    if groups and not bool(torch.isin(forget.y, torch.tensor(groups, device=forget.y.device)).all()):
+        raise ValueError(f"every forget sample must belong to one of forget_groups {groups}")
     gen = torch.Generator().manual_seed(seed)
     label_gen = torch.Generator().manual_seed(seed + 1)  # random labels: independent of the budget
     device, world, epochs = retain.x.device, ranks.world, recipe.epochs
     plain, model = model, parallel.wrap(model, ranks)
-    opt = recipe.optimizer(method, model.parameters(), lr)
+    players = (*(f"forget_{c}" for c in groups), "preserve") if groups else None
+    opt = recipe.optimizer(method, model.parameters(), lr, players)
     clip = recipe.max_grad_norm
     log: list[Tensor] = []
     norms: list[Tensor] = []
@@ -306,14 +336,24 @@ def unlearn(
         else:
             fb = None if f_idx is None else Subset(forget.x[f_idx], forget.y[f_idx])
             rb = None if r_idx is None else Subset(retain.x[r_idx], retain.y[r_idx])
+            true_labels = None if fb is None else fb.y
             if fb is not None and FORGET_LOSS[method] == "random_labels":
                 fb = Subset(fb.x, random_labels(fb.y, num_classes, label_gen))
             fb, rb = ranks.local(fb), ranks.local(rb)
         opt.zero_grad(set_to_none=True)
         if method.startswith("MUNBa"):
-            forget_term = _ce(model, fb) if method == "MUNBa" else -_ce(model, fb)
-            forget_term.backward()
-            opt.capture_forget()
+            sign = 1.0 if method == "MUNBa" else -1.0
+            if groups:  # one player per class: the merged batch's logits split by true label
+                logits = model(fb.x)  # one forward, so BatchNorm sees the merged run's batch
+                for i, (c, name) in enumerate(zip(groups, opt.players[:-1])):
+                    own = true_labels == c
+                    if bool(own.any()):
+                        loss = sign * F.cross_entropy(logits[own], fb.y[own])
+                        loss.backward(retain_graph=i < len(groups) - 1)
+                    opt.capture(name)
+            else:
+                (sign * _ce(model, fb)).backward()
+                opt.capture_forget()
             _ce(model, rb).backward()
             opt.step()
             b = opt.last_bargain
