@@ -362,7 +362,10 @@ size_t tensor_count(const Players& grads, const char* where) {
   return grads[0].size();
 }
 
-Tensor gram(const Players& grads) {
+// The chunk partials [n_chunks, K(K+1)/2] of the packed Gram, chunks in tensor then memory
+// order; gram() is their sum in chunk order.  Exposed on its own so that partials computed
+// tensor by tensor (during backward, as each gradient is accumulated) add up to gram()'s bits.
+Tensor gram_partials(const Players& grads) {
   const size_t count = tensor_count(grads, "munba_cpu.gram");
   const size_t players = grads.size();
   std::vector<std::pair<size_t, size_t>> pairs;  // packed order: the upper triangle, row by row
@@ -396,7 +399,8 @@ Tensor gram(const Players& grads) {
 
   const size_t width = pairs.size();
   const std::vector<Chunk> chunks = split_into_chunks(numels);
-  std::vector<double> partials(width * chunks.size());
+  auto result = at::empty({int64_t(chunks.size()), int64_t(width)}, at::TensorOptions().dtype(at::kDouble));
+  double* partials = result.data_ptr<double>();
   parallel_chunks(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     double* out = &partials[width * c];
@@ -442,16 +446,28 @@ Tensor gram(const Players& grads) {
     });
   });
 
-  // Chunk partials are added in chunk order: deterministic for any thread count.
-  auto result = at::zeros({int64_t(width)}, at::TensorOptions().dtype(at::kDouble));
+  return result;
+}
+
+// Rows of [n, width] float64 partials added in row order, from 0.0: deterministic for any
+// thread count, and the same bits however the rows were produced.
+Tensor sum_partials(const Tensor& partials) {
+  TORCH_CHECK(partials.dim() == 2 && partials.scalar_type() == at::kDouble && partials.is_contiguous() &&
+                  partials.device().is_cpu(),
+              "munba_cpu.sum_partials: expected a contiguous CPU float64 [n, width] tensor");
+  const int64_t rows = partials.size(0), width = partials.size(1);
+  auto result = at::zeros({width}, at::TensorOptions().dtype(at::kDouble));
   double* total = result.data_ptr<double>();
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    for (size_t q = 0; q < width; ++q) {
-      total[q] += partials[width * c + q];
+  const double* p = partials.const_data_ptr<double>();
+  for (int64_t c = 0; c < rows; ++c) {
+    for (int64_t q = 0; q < width; ++q) {
+      total[q] += p[width * c + q];
     }
   }
   return result;
 }
+
+Tensor gram(const Players& grads) { return sum_partials(gram_partials(grads)); }
 
 // ---------------------------------------------------------------------- pass 2: the update
 
@@ -824,6 +840,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python objects, so other Python threads may run meanwhile.  The
   // scalar arguments follow the field order of AdamWHyper / SGDHyper (backends/base.py).
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gram_partials", &gram_partials, "chunk partials [n_chunks, K(K+1)/2] of gram(), in chunk order");
+  m.def("sum_partials", &sum_partials, "the rows of [n, width] float64 partials summed in order");
   m.def("gram", &gram, "packed float64 Gram [K(K+1)/2] of grads[player][tensor] (None = zero)",
         py::arg("grads"), nogil);
   m.def("adamw", &adamw, "bargained AdamW update, in place", py::arg("params"), py::arg("grads"),

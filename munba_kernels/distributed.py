@@ -69,15 +69,21 @@ def check_fsdp1(params: Sequence[Tensor], process_group) -> None:
         )
 
 
+def by_player(entries: Sequence[tuple[Tensor, tuple]], players: int) -> list[list]:
+    """``grads[player][tensor]`` of ``[(param, (g_1, ..., g_K)), ...]``."""
+    return [[grads[k] for _, grads in entries] for k in range(players)]
+
+
 def global_gram(
-    gram: Callable[[list[list]], Tensor],
+    gram: Callable[[list[tuple[Tensor, tuple]]], Tensor],
     present: Sequence[tuple[Tensor, tuple[Tensor | None, ...]]],
     players: int,
     process_group=None,
 ) -> Tensor:
     """The packed Gram over the whole model from ``(param, (g_1, ..., g_K))`` of local shards.
 
-    ``gram(grads)`` (``grads[player][tensor]``) is the backend's pass 1.  Sharded tensors
+    ``gram(entries)`` is the backend's pass 1 over ``[(param, (local g_1, ..., g_K)), ...]``
+    (:func:`by_player` turns the entries into the backends' ``grads[player][tensor]``).  Sharded tensors
     (DTensors with a ``Shard`` placement, or every tensor when ``process_group`` is given)
     go through one pass whose result is all-reduced — K(K+1)/2 float64 scalars, whatever K —
     whole tensors through another, added afterwards, so replicated gradients are never
@@ -90,7 +96,7 @@ def global_gram(
         shard_groups = (process_group,) if process_group is not None else ()
         if isinstance(p, DTensor):
             shard_groups = _shard_groups(p)
-        (sharded if shard_groups else whole).append(tuple(local_tensor(g) for g in grads))
+        (sharded if shard_groups else whole).append((p, tuple(local_tensor(g) for g in grads)))
         if shard_groups:
             groups.add(shard_groups)
     if len(groups) > 1:
@@ -99,14 +105,11 @@ def global_gram(
             "MUNBaOptimizer needs all sharded parameters on one mesh (create one per mesh)"
         )
 
-    def partial(tensors: list[tuple]) -> Tensor:
-        return gram([[t[k] for t in tensors] for k in range(players)])
-
     if not sharded:
-        return partial(whole)
-    total = partial(sharded)
+        return gram(whole)
+    total = gram(sharded)
     for group in next(iter(groups)):  # one all-reduce per sharded mesh dimension: one for FSDP2/HSDP
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     if whole:
-        total = total + partial(whole)
+        total = total + gram(whole)
     return total

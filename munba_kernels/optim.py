@@ -29,7 +29,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor  # data-less: no storage to compare
 from torch.optim import Optimizer
 
-from . import backends, bargaining_k, distributed, validation
+from . import backends, backward_gram, bargaining_k, distributed, validation
 from .backends.base import AdamWHyper, SGDHyper, TensorBucket, compute_dtype, kernel_coefficients
 from .bargaining import DEFAULT_OPPOSITION_TOL, Bargain, BargainStatus, solve_bargain, validate_power
 
@@ -46,6 +46,7 @@ _SETTINGS = (
     "opposition_tol",
     "nonfinite",
     "backend",
+    "gram_in_backward",
 )
 #: The bargaining settings a state dict carries (in every saved group, under "munba"), so a
 #: resumed run continues with the settings it was saved with, as torch does for lr & co.
@@ -107,6 +108,11 @@ class MUNBaOptimizer(Optimizer):
             plain-tensor parameters that are shards of a larger whole (FSDP1:
             ``fsdp_model.process_group``).  Not needed for FSDP2 (DTensor parameters name
             their mesh), DDP or single-process training; see :mod:`munba_kernels.distributed`.
+        gram_in_backward: compute the Gram pass's partials in a ``post_accumulate_grad`` hook
+            as the live player's gradient of each parameter is accumulated (CPU backends),
+            so that ``step()`` reads each gradient once; bit-identical to the two-pass step
+            (any gradient changed after its hook is recomputed), refused under DDP/FSDP1,
+            whose gradients are reduced after the hooks (:mod:`munba_kernels.backward_gram`).
 
     Attributes:
         last_bargain: :class:`~munba_kernels.bargaining.Bargain` of the latest step
@@ -143,9 +149,14 @@ class MUNBaOptimizer(Optimizer):
         capturable: bool = False,
         gram_process_group: Any = None,
         players: tuple[str, ...] = ("forget", "preserve"),
+        gram_in_backward: bool = False,
     ) -> None:
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        if not isinstance(gram_in_backward, bool):
+            raise TypeError(f"gram_in_backward must be a bool, got {gram_in_backward!r}")
+        self.gram_in_backward = gram_in_backward
+        self._backward_gram = None
         self.gram_process_group = gram_process_group
         self.capturable = capturable
         self._configure(
@@ -174,8 +185,23 @@ class MUNBaOptimizer(Optimizer):
         )
         super().__init__(params, defaults)
         device = self._check_single_device()
+        if gram_in_backward and (
+            self.backend not in ("auto", *backward_gram.SUPPORTED_BACKENDS)
+            or (device is not None and device.type != "cpu")
+        ):
+            raise ValueError(
+                f"gram_in_backward=True is implemented for the CPU backends {backward_gram.SUPPORTED_BACKENDS}, "
+                f"not backend={self.backend!r} on {device}"
+            )
         if self.backend != "auto" and device is not None:
             backends.resolve(self.backend, device)  # a forced backend that cannot run fails now, as fused=True
+        if gram_in_backward:
+            self._attach_backward_gram()
+
+    def _attach_backward_gram(self) -> None:
+        params = self._params()
+        backward_gram.check_supported(params, self.gram_process_group)
+        self._backward_gram = backward_gram.BackwardGram(self, params)
 
     def _configure(self, *, players, bargaining_power, max_grad_norm, opposition_tol, nonfinite, state_dtype):
         """Validate and set the bargaining settings (at construction, and from a loaded state dict)."""
@@ -245,6 +271,9 @@ class MUNBaOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if getattr(self, "_backward_gram", None) is not None:  # a group added after construction
+            self._backward_gram.remove()
+            self._attach_backward_gram()
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         """Everything about one group, as at construction (also run on loaded groups)."""
@@ -276,6 +305,8 @@ class MUNBaOptimizer(Optimizer):
         """As torch's, and drops the captured gradients too (they are gradients)."""
         super().zero_grad(set_to_none)
         self._step_data["captured"] = None
+        if self._backward_gram is not None:
+            self._backward_gram.clear()
 
     # ------------------------------------------------------------ captured players
     def _player(self, name: str) -> str:
@@ -507,15 +538,27 @@ class MUNBaOptimizer(Optimizer):
         exactly into float64, so their Gram tells both by itself and costs nothing more."""
         k = len(self.players)
         if not any(p.dtype == torch.float64 for p, _ in present):
-            gram = distributed.global_gram(
-                lambda grads: backend.gram(grads, device), present, k, self.gram_process_group
-            )
+            from_hooks = None
+            if self._backward_gram is not None and not torch.compiler.is_compiling():
+                from_hooks = self._backward_gram.gram_function(backend)
+            if from_hooks is not None:
+                gram = distributed.global_gram(
+                    lambda entries: from_hooks(entries, device), present, k, self.gram_process_group
+                )
+                self._backward_gram.clear()
+            else:
+                gram = distributed.global_gram(
+                    lambda entries: backend.gram(distributed.by_player(entries, k), device),
+                    present,
+                    k,
+                    self.gram_process_group,
+                )
             return gram, None
         diagonal = [q for q, (i, j) in enumerate(bargaining_k.pairs(k)) if i == j]
         width = k * (k + 1) // 2
 
-        def gram_and_flags(grads: list[list]) -> Tensor:
-            tensors = list(zip(*grads))  # per tensor, its K gradients
+        def gram_and_flags(entries: list[tuple]) -> Tensor:
+            tensors = [grads for _, grads in entries]  # per tensor, its K gradients
             total = torch.zeros(width + k + 1, dtype=torch.float64, device=device)
             for wide in (False, True):
                 part = [t for t in tensors if (_dtype_of(t) == torch.float64) == wide]
@@ -693,7 +736,14 @@ class MUNBaOptimizer(Optimizer):
         state = super().__getstate__()
         state.update({name: getattr(self, name) for name in _SETTINGS})
         state["_step_data"] = self._step_data
+        state.pop("_backward_gram", None)  # hook handles: re-registered on the copy's parameters
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._backward_gram = None
+        if getattr(self, "gram_in_backward", False):
+            self._attach_backward_gram()
 
 
 def _dtype_of(grads: tuple[Tensor | None, ...]) -> torch.dtype:

@@ -128,12 +128,29 @@ def _wrap(model: nn.Module, wrapper: str) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def run_wrapped(wrapper: str, base: str, backend: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+def run_wrapped(
+    wrapper: str, base: str, backend: str, rank: int, world: int, gram_in_backward: bool = False
+) -> dict[str, torch.Tensor]:
     model = _wrap(make_model(), wrapper)
     group = dict(gram_process_group=model.process_group) if wrapper == "fsdp1" else {}
-    opt = MUNBaOptimizer(model.parameters(), backend=backend, **BASES[base], **group)
-    calls = [unlearning_step(model, opt, step, rank, world) for step in range(STEPS)]
-    return {**full_params(model), "all-reduces per step": torch.tensor(calls)}
+    opt = MUNBaOptimizer(
+        model.parameters(), backend=backend, gram_in_backward=gram_in_backward, **BASES[base], **group
+    )
+    calls, hits = [], []
+    for step in range(STEPS):
+        calls.append(unlearning_step(model, opt, step, rank, world))
+        hits.append(opt._backward_gram.hits if gram_in_backward else 0)
+    return {**full_params(model), "all-reduces per step": torch.tensor(calls), "hook hits": torch.tensor(hits)}
+
+
+def ddp_refuses_gram_in_backward() -> str:
+    """Under DDP the hooks would see unreduced gradients: the constructor must refuse."""
+    model = _wrap(make_model(), "ddp")
+    try:
+        MUNBaOptimizer(model.parameters(), gram_in_backward=True)
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 def run_resumed(base: str, backend: str, rank: int, world: int, split: int = 2) -> dict[str, torch.Tensor]:
@@ -179,6 +196,8 @@ def main(out_dir: str) -> None:
             for wrapper in ("ddp", "fsdp2", "hsdp", "fsdp1"):
                 results[f"{wrapper}-{base}-{backend}"] = run_wrapped(wrapper, base, backend, rank, world)
             results[f"fsdp2-resumed-{base}-{backend}"] = run_resumed(base, backend, rank, world)
+            results[f"fsdp2-hooks-{base}-{backend}"] = run_wrapped("fsdp2", base, backend, rank, world, True)
+    results["ddp refuses gram_in_backward"] = ddp_refuses_gram_in_backward()
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.destroy_process_group()

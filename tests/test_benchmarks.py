@@ -42,6 +42,19 @@ def test_optimizer_step_benchmark_quick(tmp_path):
         assert "| munba-triton | not run:" in text
 
 
+def test_backward_gram_benchmark_quick(tmp_path):
+    out, table = tmp_path / "bg.json", tmp_path / "bg.md"
+    run_script("bench_backward_gram.py", "--quick", "--backend", "torch", "--out", out, "--markdown", table)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert list(rows) == ["fused-adamw", "naive-sum", "munba", "munba-hooks"]
+    assert all(r["step_ms"] > 0 and r["backward_ms"] > 0 for r in rows.values())
+    assert rows["fused-adamw"]["step_vs_fused_adamw"] == 1.0
+    assert rows["munba-hooks"]["tensors_from_hooks"] == result["tensors"] == 4  # every hook's partials used
+    assert "tensors_from_hooks" not in rows["munba"]
+    assert "| munba-hooks |" in table.read_text()
+
+
 def test_optimizer_step_benchmark_rejects_bad_input(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCH))
     bench = importlib.import_module("bench_optimizer_step")

@@ -59,6 +59,7 @@ def test_two_ranks_match_one_process(distributed_results, single_process, wrappe
     expected = single_process(base, backend)
     got = dict(distributed_results[f"{wrapper}-{base}-{backend}"])
     collectives = got.pop("all-reduces per step", None)
+    got.pop("hook hits", None)
     if collectives is not None:  # DDP has averaged the gradients: the Gram needs no collective
         assert collectives.tolist() == [0 if wrapper == "ddp" else 1] * worker.STEPS
     assert sorted(got) == sorted(expected)
@@ -66,6 +67,24 @@ def test_two_ranks_match_one_process(distributed_results, single_process, wrappe
     for name in expected:
         assert not torch.equal(expected[name], initial[name])  # the run moved every tensor
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base", list(worker.BASES))
+@pytest.mark.parametrize("backend", worker.BACKENDS)
+def test_fsdp2_gram_in_backward_gives_the_two_pass_bits(distributed_results, base, backend):
+    """gram_in_backward=True under FSDP2: the hooks see the reduced DTensor shards, and the run
+    is bitwise the two-pass FSDP2 run."""
+    hooked = dict(distributed_results[f"fsdp2-hooks-{base}-{backend}"])
+    two_pass = dict(distributed_results[f"fsdp2-{base}-{backend}"])
+    hits = hooked.pop("hook hits")
+    two_pass.pop("hook hits")
+    for name, value in two_pass.items():
+        assert torch.equal(hooked[name], value), name
+    assert (hits == 6).all(), hits  # every sharded tensor's partials came from its hook
+
+
+def test_ddp_refuses_gram_in_backward(distributed_results):
+    assert "DDP and FSDP1 reduce gradients after" in distributed_results["ddp refuses gram_in_backward"]
 
 
 @pytest.mark.parametrize("base", list(worker.BASES))

@@ -74,6 +74,19 @@ def _gram(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
     return _lib().gram([list(player) for player in grads])
 
 
+def gram_partials(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
+    """``[n_chunks, K(K+1)/2]``: the chunk sums :func:`gram` adds, in its chunk order (eager;
+    what ``gram_in_backward`` computes tensor by tensor as gradients are accumulated)."""
+    if any(g is not None and g.dtype not in _DTYPES for player in grads for g in player):
+        return reference.gram_partials(grads, device)
+    return _lib().gram_partials([list(player) for player in grads])
+
+
+def sum_partials(partials: Tensor) -> Tensor:
+    """The rows of ``[n, width]`` float64 partials added in order from 0.0: :func:`gram`'s bits."""
+    return _lib().sum_partials(partials.contiguous())
+
+
 def _lr(lr: float | Tensor) -> float:
     # A CPU tensor lr is read as torch's fused kernels read it (its value as a double).
     return float(lr)

@@ -65,9 +65,22 @@ def _gram(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
     is also how the C++ kernel sums K ≥ 3 players.  Slabs of a few chunks bound the float64
     temporaries.
     """
+    return sum_partials(gram_partials(grads, device))
+
+
+def sum_partials(partials: Tensor) -> Tensor:
+    """The rows of ``[n, width]`` float64 partials added in row order from 0.0, as the C++
+    kernel adds its chunk sums (a ``cumsum``, which torch evaluates sequentially)."""
+    zero = torch.zeros(1, partials.shape[1], dtype=torch.float64, device=partials.device)
+    return torch.cat([zero, partials]).cumsum(0)[-1].clone()  # its own storage, as the fake result
+
+
+def gram_partials(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
+    """``[n_chunks, K(K+1)/2]``: the chunk sums :func:`_gram` adds, chunks in tensor then memory
+    order.  Partials of single tensors, concatenated in tensor order, sum to the same bits."""
     players = len(grads)
     pairs = bargaining_k.pairs(players)
-    partials = [torch.zeros(1, len(pairs), dtype=torch.float64, device=device)]  # C++ starts from 0.0 too
+    partials = [torch.zeros(0, len(pairs), dtype=torch.float64, device=device)]
     for tensor in zip(*grads):
         like = next((g for g in tensor if g is not None), None)
         if like is None or like.numel() == 0:
@@ -79,7 +92,7 @@ def _gram(grads: Sequence[Sequence[Tensor | None]], device) -> Tensor:
         for start in range(0, like.numel(), slab):
             pieces = [None if g is None else g[start : start + slab].to(torch.float64) for g in flat]
             partials.append(_chunk_sums(pieces, pairs))
-    return torch.cat(partials).cumsum(0)[-1].clone()  # its own storage, as the fake result
+    return torch.cat(partials)
 
 
 def _in_memory_order(g: Tensor, like: Tensor) -> Tensor:
