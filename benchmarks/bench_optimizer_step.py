@@ -159,7 +159,7 @@ def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
     if name == "copy-probe":
         dst = [torch.empty_like(g) for g in inputs.g_f]
         return lambda: torch._foreach_copy_(dst, inputs.g_f)
-    params = inputs.params()
+    params = [] if name.endswith(":gram") else inputs.params()  # the Gram reads gradients alone
     if name in ("fused-adamw", "naive-sum", "naive-sum-3players"):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
@@ -193,8 +193,10 @@ def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
     except RuntimeError as err:  # not built here, or e.g. the C++ kernels on a GPU
         raise Unavailable(str(err)) from err
     players = ("forget", "neighbour", "preserve") if players_of(name) == 3 else ("forget", "preserve")
-    opt = MUNBaOptimizer(params, lr=1e-4, backend=backend, players=players, state_dtype=inputs.state_dtype)
     grads = [inputs.g_f, inputs.g_3, inputs.g_r] if len(players) == 3 else [inputs.g_f, inputs.g_r]
+    if one_pass == "gram":
+        return lambda: module.gram(grads, torch.device(inputs.device))
+    opt = MUNBaOptimizer(params, lr=1e-4, backend=backend, players=players, state_dtype=inputs.state_dtype)
 
     def munba_step():
         for player, player_grads in zip(players[:-1], grads):
@@ -209,15 +211,13 @@ def build_step(name: str, inputs: StepInputs) -> Callable[[], None]:
         return munba_step
     munba_step()  # creates the states the update pass reads and writes
     opt.zero_grad()
-    return pass_step(module, one_pass, params, opt, grads, inputs.device)
+    return update_pass_step(module, params, opt, grads, inputs.device)
 
 
-def pass_step(module, one_pass: str, params, opt, grads, device: str) -> Callable[[], None]:
-    """One of the backend's two passes alone, on the tensors the optimizer's own step uses
-    (every parameter in one bucket, as for one param group of one dtype).  The update gets
-    fixed coefficients: what it costs does not depend on their values."""
-    if one_pass == "gram":
-        return lambda: module.gram(grads, torch.device(device))
+def update_pass_step(module, params, opt, grads, device: str) -> Callable[[], None]:
+    """The backend's update pass alone, on the tensors the optimizer's own step uses (every
+    parameter in one bucket, as for one param group of one dtype), with fixed coefficients:
+    what it costs does not depend on their values.  (The Gram pass alone needs no optimizer.)"""
     group = opt.param_groups[0]
     keys = ("exp_avg", "exp_avg_sq", "step")
     bucket = TensorBucket(list(params), [list(g) for g in grads], {k: [opt.state[p][k] for p in params] for k in keys})
