@@ -231,9 +231,11 @@ def update_pass_step(module, params, opt, grads, device: str) -> Callable[[], No
 
 def with_passes(names: Iterable[str]) -> list[str]:
     """``names`` with each MUNBa variant followed by its ``:gram`` and ``:update`` rows."""
-    out = []
+    out: list[str] = []
     for n in names:
-        out += [n] + [f"{n}:{p}" for p in PASSES if f"{n}:{p}" in PASS_VARIANTS and f"{n}:{p}" not in names]
+        for row in (n, *(f"{n}:{p}" for p in PASSES)):
+            if row not in out and (row == n or row in PASS_VARIANTS):
+                out.append(row)
     return out
 
 
