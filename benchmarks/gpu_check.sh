@@ -2,10 +2,12 @@
 # One call for a short GPU window (issue #14): the Triton kernels compiled on CUDA, the
 # compile / CUDA-graph tests, the step benchmark at 100M and 1B parameters with each pass's
 # share of the copy probe, and one end-to-end unlearning step.  Everything lands in OUTDIR;
-# OUTDIR/summary.md is the one file to read.  About 6 minutes on an H100/H200 (each section
-# has its own timeout; the caps add up to more, so one hang costs its cap, not the window).
+# OUTDIR/summary.md is the one file to read.  Estimated 5-7 minutes on an H100/H200 (not yet
+# measured).  Each section runs under its own timeout, clamped to what is left of the whole
+# check's budget (--budget, default 480 s): once it is spent, the remaining sections are
+# skipped with that reason, so the check ends inside the window whatever hangs.
 #
-#   benchmarks/gpu_check.sh [--dry-run] [--only SECTION[,SECTION...]] OUTDIR
+#   benchmarks/gpu_check.sh [--dry-run] [--only SECTION[,SECTION...]] [--budget SECONDS] OUTDIR
 #
 # Needs only what a CUDA machine has: torch with CUDA, triton, pytest (diffusers for the
 # UNet step, torchvision for the ResNet-18 one, hypothesis for the integrity tests: each is
@@ -18,24 +20,35 @@
 set -u
 
 usage() {
-    echo "usage: $0 [--dry-run] [--only SECTION[,SECTION...]] OUTDIR" >&2
+    echo "usage: $0 [--dry-run] [--only SECTION[,SECTION...]] [--budget SECONDS] OUTDIR" >&2
     exit 2
 }
 
 DRY_RUN=0
 ONLY=""
+BUDGET=480
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --only) [ $# -ge 2 ] || usage; ONLY=",$2,"; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        --budget) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || usage; BUDGET=$2; shift ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         -*) echo "unknown option: $1" >&2; usage ;;
         *) [ -z "$OUT" ] || usage; OUT="$1" ;;
     esac
     shift
 done
 [ -n "$OUT" ] || usage
+# Every GPU section, in the order it runs (--only takes these names).
+SECTIONS="triton-kernels compile step-100M-float32 step-100M-bf16-fp32states step-1B-float32
+step-1B-float32-3players step-1B-bf16-fp32states step-1B-bf16-fp32states-3players e2e-unet e2e-resnet18"
+for name in ${ONLY//,/ }; do
+    if [[ " ${SECTIONS//$'\n'/ } " != *" $name "* ]]; then
+        echo "--only: unknown section $name; sections: ${SECTIONS//$'\n'/ }" >&2
+        exit 2
+    fi
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
@@ -70,16 +83,20 @@ run() {
     esac
 }
 
-# gpu NAME TIMEOUT_S CMD...: run on CUDA, or record why not.
+# gpu NAME TIMEOUT_S CMD...: run on CUDA (its timeout clamped to the budget left), or record why not.
 gpu() {
-    if ! selected "$1"; then
-        record "$1" skip "not selected (--only)" 0
+    local name=$1 limit=$2 left=$((BUDGET - (SECONDS - START)))
+    shift 2
+    if ! selected "$name"; then
+        record "$name" skip "not selected (--only)" 0
     elif [ "$DRY_RUN" = 1 ]; then
-        record "$1" skip "skipped: --dry-run" 0
+        record "$name" skip "skipped: --dry-run" 0
     elif [ "$HAS_CUDA" != 1 ]; then
-        record "$1" skip "skipped: no CUDA device" 0
+        record "$name" skip "skipped: no CUDA device" 0
+    elif [ "$left" -lt 20 ]; then
+        record "$name" skip "skipped: the ${BUDGET}s budget is spent" 0
     else
-        run "$@"
+        run "$name" $((limit < left ? limit : left)) "$@"
     fi
 }
 

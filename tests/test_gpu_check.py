@@ -94,8 +94,19 @@ def test_a_failing_section_does_not_stop_the_rest_and_fails_the_exit_status(tmp_
     assert "broken" in (out / "env.log").read_text()
 
 
+def test_only_runs_the_named_sections_and_refuses_unknown_ones(tmp_path):
+    proc = run_check(tmp_path, "--only", "compile,e2e-unet", CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = sections(tmp_path)
+    for name in GPU_SECTIONS:
+        want = "skipped: no CUDA device" if name in ("compile", "e2e-unet") else "not selected (--only)"
+        assert got[name] == ("skip", want), name
+    proc = run_check(tmp_path / "other", "--only", "compile,nope")
+    assert proc.returncode == 2 and "unknown section nope" in proc.stderr
+
+
 def test_bad_arguments_are_refused():
-    for args in ([], ["--nope", "x"], ["a", "b"], ["--only"]):
+    for args in ([], ["--nope", "x"], ["a", "b"], ["--only"], ["--budget", "soon", "out"]):
         proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr, args
 
