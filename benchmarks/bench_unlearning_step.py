@@ -39,7 +39,6 @@ from bench_output import emit
 
 from munba_kernels import MUNBaOptimizer
 from munba_kernels.drivers import ddpm
-from munba_kernels.drivers.models import build_model
 
 VARIANTS = ("munba", "published", "naive")
 CLASSIFIERS = ("resnet18", "narrow_resnet")
@@ -95,6 +94,9 @@ def make_step(variant: str, model: torch.nn.Module, forget_loss: Loss, retain_lo
 def build(name: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name in CLASSIFIERS:
+        # imported here: the classifiers need torchvision, the UNet runs do not (a bare CUDA box)
+        from munba_kernels.drivers.models import build_model
+
         return build_model(name, 3, CLASSES).to(device)
     return ddpm.build_unet(32, 3, CLASSES, channels=UNETS[name]).to(device)
 

@@ -2,7 +2,9 @@
 (torch and C++ backends) and ``triton_interpreted/test_triton_integrity.py`` (Triton, run
 interpreted on small tensors): each takes the backend name, so every backend meets the
 same invariant — a step either raises with nothing changed, or leaves every parameter
-finite and consistent with its status.
+finite and consistent with its status.  ``device`` puts the parameters (and so the gradients)
+on a device, e.g. CUDA for the Triton backend compiled; the random draws are made on the CPU
+either way.
 """
 
 import copy
@@ -16,10 +18,10 @@ from munba_kernels import BargainStatus, MUNBaOptimizer
 SGD_KW = dict(base="sgd", momentum=0.9, dampening=0.3)
 
 
-def make(backend="torch", base="adamw", shapes=((64, 512), (7,)), **kwargs):
+def make(backend="torch", base="adamw", shapes=((64, 512), (7,)), device="cpu", **kwargs):
     """Two param groups (the second with its own lr) over freshly seeded parameters."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
     extra = {k: v for k, v in SGD_KW.items() if k != "base"} if base == "sgd" and "momentum" not in kwargs else {}
     groups = [{"params": params[:1]}, {"params": params[1:], "lr": 0.05}]
     return params, MUNBaOptimizer(groups, lr=0.1, backend=backend, base=base, **{**extra, **kwargs})
@@ -28,12 +30,12 @@ def make(backend="torch", base="adamw", shapes=((64, 512), (7,)), **kwargs):
 def step(params, opt, seed, forget_poison=None):
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
     if forget_poison is not None:
         params[-1].grad.view(-1)[0] = forget_poison
     opt.capture_forget()
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
     opt.step()
     opt.zero_grad()
 
@@ -63,15 +65,16 @@ def assert_unchanged(params, opt, snap):
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
 
 
-def probe(gf, gr, dtype=torch.float32, backend="torch", **kwargs):
-    """One SGD step with lr 1 from zero: returns (d, status) with d = p_before − p_after in float64."""
-    p = torch.nn.Parameter(torch.zeros(gf.shape, dtype=dtype))
+def probe(gf, gr, dtype=torch.float32, backend="torch", device="cpu", **kwargs):
+    """One SGD step with lr 1 from zero: returns (d, status) with d = p_before − p_after in
+    float64, on the CPU."""
+    p = torch.nn.Parameter(torch.zeros(gf.shape, dtype=dtype, device=device))
     opt = MUNBaOptimizer([p], lr=1.0, base="sgd", backend=backend, **kwargs)
-    p.grad = gf.to(dtype)
+    p.grad = gf.to(dtype).to(device)
     opt.capture_forget()
-    p.grad = gr.to(dtype)
+    p.grad = gr.to(dtype).to(device)
     opt.step()
-    return -p.detach().double(), BargainStatus(opt.last_bargain.status.item())
+    return -p.detach().double().cpu(), BargainStatus(opt.last_bargain.status.item())
 
 
 def pair(n=300, seed=0):
@@ -97,7 +100,7 @@ def unit(g: torch.Tensor) -> torch.Tensor:
     return g / g.norm()
 
 
-def direction_case(backend, dtype, exp_f, exp_r, seed, n=17, ranges=None):
+def direction_case(backend, dtype, exp_f, exp_r, seed, n=17, ranges=None, device="cpu"):
     """Gradients at 2**e scales spanning ``dtype``'s finite range (subnormals included): the
     step is finite, and exact against float64 math on the unit gradients, or skipped as
     OUT_OF_RANGE where a float64 Gram cannot hold the squares."""
@@ -110,7 +113,7 @@ def direction_case(backend, dtype, exp_f, exp_r, seed, n=17, ranges=None):
         return torch.ldexp(base, torch.tensor(e)).to(dtype)
 
     gf, gr = scaled(base_f, exp_f), scaled(base_r, exp_r)
-    d, status = probe(gf, gr, dtype=dtype, backend=backend)
+    d, status = probe(gf, gr, dtype=dtype, backend=backend, device=device)
     assert torch.isfinite(d).all()
     squares = [g.double().square().sum().item() for g in (gf, gr)]
     if dtype == torch.float64 and not all(2.2250738585072014e-308 <= s < math.inf for s in squares):
@@ -147,10 +150,10 @@ def corrupt_state(opt, params, kind, draw):
         state[key] = torch.full_like(t, math.nan)
 
 
-def corruption_case(backend, draw):
+def corruption_case(backend, draw, device="cpu"):
     """A random corruption of a state dict, a live state, a group setting or a gradient."""
     base = draw(st.sampled_from(["adamw", "sgd"]))
-    params, opt = make(backend, base, shapes=((6, 5), (3,), (4, 2)))
+    params, opt = make(backend, base, shapes=((6, 5), (3,), (4, 2)), device=device)
     step(params, opt, seed=1)
     route = draw(st.sampled_from(["state_dict", "state", "group", "gradient"]))
     kind = None

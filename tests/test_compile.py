@@ -12,6 +12,9 @@ without munba code by ``test_dynamo_keeps_attribute_writes_in_an_optimizer_no_gr
 a strict xfail that will flag the torch release that fixes it); backends are imported
 once, since dynamo cannot trace an import; the aliasing check on gradient storages is
 skipped while compiling.  ``zero_grad()`` is torch's and dynamo refuses to trace it.
+
+On a CUDA machine the same tests run with the Triton backend on CUDA tensors too (the
+``triton`` parameters; ``benchmarks/gpu_check.sh`` runs this file there).
 """
 
 import pytest
@@ -21,13 +24,28 @@ from buckets import sgd_state
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from munba_kernels import MUNBaOptimizer
-from munba_kernels.backends import cpp, reference
+from munba_kernels.backends import cpp, reference, triton_backend
 from munba_kernels.backends.base import AdamWHyper, SGDHyper, kernel_coefficients
 from munba_kernels.bargaining import BargainStatus, solve_bargain
 
 requires_cpp = pytest.mark.skipif(not cpp.is_available(), reason=cpp.unavailable_reason() or "built")
-BACKENDS = [pytest.param(cpp, id="cpp", marks=requires_cpp), pytest.param(reference, id="torch")]
-BACKEND_NAMES = [pytest.param("cpp", marks=requires_cpp), "torch"]
+# Triton on CUDA tensors only: interpreted, its kernels are tested in tests/triton_interpreted/.
+requires_cuda_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_backend.is_available()),
+    reason=f"triton on CUDA: {triton_backend.unavailable_reason() or 'no CUDA device'}",
+)
+BACKENDS = [
+    pytest.param(cpp, id="cpp", marks=requires_cpp),
+    pytest.param(reference, id="torch"),
+    pytest.param(triton_backend, id="triton", marks=requires_cuda_triton),
+]
+BACKEND_NAMES = [pytest.param("cpp", marks=requires_cpp), "torch", pytest.param("triton", marks=requires_cuda_triton)]
+
+
+def device_for(backend) -> torch.device:
+    """Where a backend's tensors live in these tests: CUDA for Triton, else the CPU."""
+    name = backend if isinstance(backend, str) else backend.name
+    return torch.device("cuda" if name == "triton" else "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +55,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def bucket_of(gen, base):
+def bucket_of(gen, base, device="cpu"):
     params = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen), torch.randn(4, generator=gen)]
-    forget = [torch.randn(p.shape, generator=gen) for p in params]
-    preserve = [torch.randn(p.shape, generator=gen) for p in params]
+    forget = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    preserve = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    params = [p.to(device) for p in params]
     forget[1] = preserve[2] = None
     if base == "adamw":
-        states = [dict(step=torch.tensor(0.0), exp_avg=p * 0, exp_avg_sq=p * 0) for p in params]
+        states = [dict(step=torch.tensor(0.0, device=device), exp_avg=p * 0, exp_avg_sq=p * 0) for p in params]
     else:
         states = [sgd_state(p * 0, first_step=True) for p in params]
     return two_players(params, forget, preserve, states, first_step=base == "sgd")
@@ -60,8 +79,10 @@ def test_both_passes_compile_into_one_graph(backend, base):
         else SGDHyper(1e-2, 0.9, 0, True, 0, False)
     )
 
+    device = device_for(backend)
+
     def passes(bucket):
-        gram = backend.gram(bucket.grads, torch.device("cpu"))
+        gram = backend.gram(bucket.grads, device)
         bargain = solve_bargain(gram, (1.0, 1.0), max_norm=1.0)
         # Not bargain.skipped: dynamo mis-traces ``tensor == IntEnum member`` (module doc).
         skip = (bargain.status == int(BargainStatus.NONFINITE)).to(torch.float32)
@@ -70,15 +91,15 @@ def test_both_passes_compile_into_one_graph(backend, base):
 
     compiled = torch.compile(passes, fullgraph=True, backend="aot_eager")
     ours, theirs = (
-        bucket_of(torch.Generator().manual_seed(0), base),
-        bucket_of(torch.Generator().manual_seed(0), base),
+        bucket_of(torch.Generator().manual_seed(0), base, device),
+        bucket_of(torch.Generator().manual_seed(0), base, device),
     )
     for _ in range(2):
         torch.testing.assert_close(compiled(ours), passes(theirs), rtol=0, atol=0)
         theirs.first_step = ours.first_step = False
     for a, b in zip(ours.params, theirs.params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(ours.params[0], bucket_of(torch.Generator().manual_seed(0), base).params[0])
+    assert not torch.equal(ours.params[0], bucket_of(torch.Generator().manual_seed(0), base, device).params[0])
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -100,17 +121,24 @@ def test_ops_pass_torch_library_opcheck(backend, op):
         "sgd": (params, grads, 2, states[0], [torch.tensor(0.0), torch.tensor(2.0)], *common)
         + (torch.tensor(1e-2), 0.0, 0.9, 0.1, False, 0.0, True),
     }[op]
+    device = device_for(backend)
+    if device.type != "cpu":  # every tensor (and the Gram's device argument) on the backend's device
+        args = torch.utils._pytree.tree_map(
+            lambda a: a.to(device) if isinstance(a, torch.Tensor) else device if isinstance(a, torch.device) else a,
+            args,
+        )
     torch.library.opcheck(getattr(torch.ops.munba, f"{backend}_{op}").default, args)
 
 
-def tiny_problem(seed=0):
+def tiny_problem(seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     x = torch.randn(16, 4, generator=gen)
-    return model, x, torch.randint(0, 3, (16,), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    y_forget, y_retain = (torch.randint(0, 3, (16,), generator=gen) for _ in range(2))
+    return model.to(device), x.to(device), y_forget.to(device), y_retain.to(device)
 
 
 def train(backend, kwargs, compile_backend=None, steps=3):
@@ -118,7 +146,7 @@ def train(backend, kwargs, compile_backend=None, steps=3):
     and ``steps`` more whose ``step()`` is compiled whole (``fullgraph=True``: no graph
     break anywhere in it) with ``compile_backend`` when given.  The backward passes,
     ``capture_forget()`` and ``zero_grad()`` (which dynamo refuses to trace) stay eager."""
-    model, x, y_forget, y_retain = tiny_problem()
+    model, x, y_forget, y_retain = tiny_problem(device=device_for(backend))
     opt = MUNBaOptimizer(model.parameters(), lr=1e-2, backend=backend, **kwargs)
     compiled = opt.step if compile_backend is None else torch.compile(opt.step, backend=compile_backend, fullgraph=True)
     for k in range(1 + steps):
@@ -168,7 +196,7 @@ def test_compiled_training_loop_matches_eager(backend, kwargs):
     compiled = train(backend, kwargs, recording)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(eager[0], tiny_problem()[0][0].weight)
+    assert not torch.equal(eager[0], tiny_problem(device=device_for(backend))[0][0].weight)
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}
     update = "adamw" if kwargs["base"] == "adamw" else "sgd"
     assert f"munba.{backend}_gram.default" in targets and f"munba.{backend}_{update}.default" in targets
@@ -194,12 +222,16 @@ def test_step_reads_no_device_value_on_the_host(backend, nonfinite, players):
     ``nonfinite="raise"`` must read one flag, which shows the check can fail.  Three
     players: the Newton solve runs a fixed number of iterations, with no convergence test."""
     names = ("forget", "preserve") if players == 2 else ("forget", "neighbour", "preserve")
+    device = device_for(backend)
     with FakeTensorMode():
-        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5).bfloat16())]
+        params = [
+            torch.nn.Parameter(torch.randn(4, 3, device=device)),
+            torch.nn.Parameter(torch.randn(5, device=device).bfloat16()),
+        ]
         capturable = nonfinite == "skip"
         opt = MUNBaOptimizer(
             params,
-            lr=torch.tensor(1e-2),
+            lr=torch.tensor(1e-2, device=device),
             capturable=capturable,
             nonfinite=nonfinite,
             state_dtype=torch.float32,
