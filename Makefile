@@ -27,8 +27,8 @@ $(FMNIST):
 
 data: $(FMNIST)
 
-# Fashion-MNIST, random 10% forgetting, every method vs Retrain and the relearning attack (~15 min
-# on 2 cores with cached models; the original and Retrain models are cached in ~/.cache/munba_kernels).
+# Fashion-MNIST, random 10% forgetting, every method vs Retrain and the relearning attack (~3 min on
+# 2 free cores from an empty cache; the original and Retrain models are cached in ~/.cache/munba_kernels).
 demo: setup data
 	$(PY) -m munba_kernels.drivers.classify --dataset fashion_mnist --scenario random --out runs/demo
 
