@@ -214,7 +214,7 @@ def test_per_class_cli_end_to_end(tmp_path, monkeypatch):
     assert list(saved["methods"]) == rows
     assert saved["config"]["anchor_classes"] == [1, 3, 6] and saved["relearn"] == {}
     assert "Retrain" in saved["relearn_skipped"] and "relearn.png" not in {p.name for p in out.iterdir()}
-    for name, row in saved["methods"].items():
+    for row in saved["methods"].values():
         assert len(row["per_seed"]) == 2
         for s in row["per_seed"]:
             per = {int(c): v for c, v in s["per_class_accuracy"].items()}
