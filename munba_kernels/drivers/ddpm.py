@@ -24,6 +24,12 @@ forget loss   MSE(ε(x_t, c_forget), ε(x_t, c_anchor).detach()), shared noise a
               x_0 from the forget class (SalUn's and MUNBa's diffusion forget loss)
 preserve loss the denoising loss on retain classes, with the same class dropout as pre-training
 ESD loss      MSE(ε(x_t, c_forget), ε*(x_t, ∅) − η (ε*(x_t, c_forget) − ε*(x_t, ∅))), ε* frozen
+
+Several erased classes: every forget sample is mapped to its own class's anchor.  MUNBa's
+``players="merged"`` (the default) bargains the forget loss of the whole forget batch against
+the preserve loss (two players); ``players="per-class"`` gives every erased class a player of
+its own (its forget loss on its own samples of the same batch) beside the preserve player, so
+one class whose loss is already solved cannot hide another that is not.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -49,6 +56,8 @@ UNLEARN_METHODS = ("MUNBa", "Naive", "ESD")
 TWO_OBJECTIVE = ("MUNBa", "Naive")
 NUM_TRAIN_TIMESTEPS = 1000
 POWER_SCHEDULES = ("constant", "forget-loss")
+#: MUNBa's players with several erased classes: one merged forget player, or one per class.
+PLAYERS = ("merged", "per-class")
 
 
 @dataclass(frozen=True)
@@ -80,14 +89,18 @@ class DiffusionRecipe:
             raise ValueError(f"power_threshold must lie in (0, 1), got {self.power_threshold!r}")
         validate_power((self.power_ratio, 1.0))
 
-    def optimizer(self, method: str, params) -> torch.optim.Optimizer:
+    def optimizer(self, method: str, params, players: tuple[str, ...] | None = None) -> torch.optim.Optimizer:
+        """``players`` (MUNBa only; default: forget and preserve): every forget player gets
+        ``power_ratio`` times the preserve player's power (:func:`power_weights`)."""
         if method == "MUNBa":
+            extra = {} if players is None else {"players": players}
             return MUNBaOptimizer(
                 params,
                 lr=self.lr,
                 weight_decay=self.weight_decay,
                 max_grad_norm=self.max_grad_norm,
-                bargaining_power=power_pair(self.power_ratio),
+                bargaining_power=power_weights(self.power_ratio, 2 if players is None else len(players)),
+                **extra,
             )
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
@@ -95,6 +108,15 @@ class DiffusionRecipe:
 def power_pair(ratio: float) -> tuple[float, float]:
     """(w_f, w_r) with w_f / w_r = ``ratio`` and w_f + w_r = 2."""
     return (2 * ratio / (1 + ratio), 2 / (1 + ratio))
+
+
+def power_weights(ratio: float, players: int) -> tuple[float, ...]:
+    """K = ``players`` powers: each forget player ``ratio`` × the last (preserve) one's, summing
+    to K (the squared step length of equal power); :func:`power_pair` for K = 2."""
+    if players == 2:
+        return power_pair(ratio)
+    scale = players / ((players - 1) * ratio + 1)
+    return (ratio * scale,) * (players - 1) + (scale,)
 
 
 #: Smoothing of the forget loss the schedule reads (per-batch losses vary with the timesteps drawn).
@@ -280,7 +302,8 @@ class UnlearnRun:
     model: nn.Module
     seconds: float
     losses: list[tuple[float, float]] = field(default_factory=list)  # (forget, preserve) per step
-    bargain_log: list[tuple[float, float, float]] = field(default_factory=list)  # (α_f, α_r, cos φ)
+    #: (α_f, α_r, cos φ) per step; K players: α per player, then cos φ per pair (trace_columns)
+    bargain_log: list[tuple[float, ...]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # read back from the optimizer, plus steps etc.
     #: (norm of the direction before the clip, norm handed to AdamW) per step
     step_norms: list[tuple[float, float]] = field(default_factory=list)
@@ -295,13 +318,14 @@ def unlearn_class(
     retain: Subset,
     *,
     num_classes: int,
-    anchor_class: int,
+    anchor_class: int | Mapping[int, int],
     batch_size: int,
     class_dropout: float,
     recipe: DiffusionRecipe = DiffusionRecipe(),
     esd_eta: float = 1.0,
     seed: int = 0,
     snapshots: tuple[int, ...] = (),
+    players: str = "merged",
     progress: bool = True,
 ) -> UnlearnRun:
     """Erase ``forget``'s class from a copy of ``original`` with ``method`` (see module docstring).
@@ -311,18 +335,41 @@ def unlearn_class(
     the same retain batches.  ``snapshots`` (step counts below ``recipe.steps``) also returns
     the run as it stood after those steps: the learning rate is constant and every step
     draws from the same streams, so each is exactly a shorter run.
+
+    ``anchor_class``: one anchor for every forget sample, or ``{erased class: anchor}`` when
+    ``forget`` holds several classes.  ``players`` (MUNBa only): ``"merged"`` bargains one
+    forget loss over the whole forget batch against the preserve loss; ``"per-class"`` one
+    player per erased class (``forget_<class>``, its loss on its own samples of the same
+    batch, a zero gradient when the batch drew none of them: that player then sits the step
+    out, ``PLAYER_ZERO``) plus ``preserve``.  Batches, noise and timesteps do not depend on it.
     """
+    if players not in PLAYERS:
+        raise ValueError(f"players must be one of {PLAYERS}, got {players!r}")
     if any(not 1 <= k < recipe.steps for k in snapshots):
         raise ValueError(f"snapshots must be step counts in 1..{recipe.steps - 1}, got {snapshots}")
     if method not in UNLEARN_METHODS:
         raise ValueError(f"method must be one of {UNLEARN_METHODS}, got {method!r}")
     if len(forget) == 0 or len(retain) == 0:
         raise ValueError("unlearn_class needs non-empty forget and retain sets")
+    present = sorted(int(c) for c in forget.y.unique())
+    if isinstance(anchor_class, Mapping):
+        anchors = {int(c): int(a) for c, a in anchor_class.items()}
+        if set(present) - set(anchors) or set(anchors.values()) & set(present):
+            raise ValueError(f"anchor_class {anchors} must map every forget class {present} to a non-erased class")
+        lut = torch.full((num_classes + 1,), -1, dtype=forget.y.dtype)
+        for c, a in anchors.items():
+            lut[c] = a
+        lut = lut.to(forget.y.device)
+        classes = sorted(anchors)
+    else:
+        lut, classes = None, present
+    per_class = method == "MUNBa" and players == "per-class"
+    names = (*(f"forget_{c}" for c in classes), "preserve") if per_class else None
     model = copy.deepcopy(original).train()
     eps_fn = partial(eps, model)
     if method == "ESD":
         frozen_eps_fn = partial(eps, copy.deepcopy(original).eval().requires_grad_(False))
-    opt = recipe.optimizer(method, model.parameters())
+    opt = recipe.optimizer(method, model.parameters(), names)
     clip, steps = recipe.max_grad_norm, recipe.steps
     scheduler = build_scheduler()
     f_gen, r_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
@@ -347,7 +394,20 @@ def unlearn_class(
             opt.step()
             log.append((loss_f.detach(), torch.zeros((), device=device)))
             continue
-        loss_f = forget_loss(eps_fn, x_t, t, c_f, torch.full_like(c_f, anchor_class))
+        c_a = torch.full_like(c_f, anchor_class) if lut is None else lut[c_f]
+        if per_class:
+            # One forget player per erased class, each on its own samples of this batch; the
+            # logged forget loss is their sample-weighted mean: the merged loss of the batch.
+            loss_f = torch.zeros((), device=device)
+            for name, c in zip(names[:-1], classes):
+                mine = (c_f == c).nonzero().squeeze(1)  # host sync: the per-class batch sizes
+                if len(mine):
+                    loss_c = forget_loss(eps_fn, x_t[mine], t[mine], c_f[mine], c_a[mine])
+                    loss_c.backward()
+                    loss_f = loss_f + loss_c.detach() * (len(mine) / len(c_f))
+                opt.capture(name)  # nothing drawn: an empty capture, a zero gradient
+        else:
+            loss_f = forget_loss(eps_fn, x_t, t, c_f, c_a)
         r_idx = torch.randint(0, len(retain), (batch_size,), generator=r_gen).to(device)
         # The preserve loss keeps pre-training's class dropout, so the unconditional ε that
         # classifier-free guidance relies on is preserved as well.
@@ -359,14 +419,16 @@ def unlearn_class(
                 first = value if first is None else first
                 smoothed = value if smoothed is None else SCHEDULE_EMA * smoothed + (1 - SCHEDULE_EMA) * value
                 ratio = scheduled_power_ratio(recipe.power_ratio, smoothed, first, recipe.power_threshold)
-                opt.bargaining_power = validate_power(power_pair(ratio))
+                k = len(opt.players)
+                opt.bargaining_power = validate_power(power_weights(ratio, k), k)
                 ratios.append(ratio)
-            loss_f.backward()
-            opt.capture_forget()
+            if not per_class:
+                loss_f.backward()
+                opt.capture_forget()
             loss_r.backward()
             opt.step()
             b = opt.last_bargain
-            trace.append(torch.cat([b.alpha, b.cos[None]]).float())
+            trace.append(torch.cat([b.alpha, _pair_cosines(b)]).float())
             norms.append(torch.stack([b.direction_norm, b.direction_norm * b.clip_scale]).float())
         else:
             (loss_f + loss_r).backward()
@@ -385,6 +447,8 @@ def unlearn_class(
     }
     if method == "MUNBa":
         settings.update(power_ratio=recipe.power_ratio, power_schedule=recipe.power_schedule)
+        if len(classes) > 1 or per_class:
+            settings["players"] = list(opt.players)
         if recipe.power_schedule != "constant":
             settings["power_threshold"] = recipe.power_threshold
             settings["bargaining_power"] = "scheduled"
@@ -398,9 +462,31 @@ def unlearn_class(
     return run
 
 
-def default_anchor(forget_class: int, num_classes: int) -> int:
-    """The next class (mod K): a fixed, documented choice rather than a tuned one."""
-    return (forget_class + 1) % num_classes
+def _pair_cosines(b) -> Tensor:
+    """cos φ of every pair of players (i < j, row by row): [cos φ] for two, as ``b.cos``."""
+    if b.cosines is None or b.alpha.shape[-1] == 2:
+        return b.cos[None]
+    i, j = torch.triu_indices(*b.cosines.shape[-2:], 1, device=b.cosines.device)
+    return b.cosines[i, j]
+
+
+def trace_columns(players) -> list[str]:
+    """Names of a bargain trace row's entries: α per player, then cos φ per pair (i < j)."""
+    players = list(players)
+    pairs = [f"cos({a},{b})" for n, a in enumerate(players) for b in players[n + 1 :]]
+    return [f"alpha_{p}" for p in players] + pairs
+
+
+def default_anchor(forget_class: int, num_classes: int, erased=()) -> int:
+    """The next class (mod K) that is not erased (``erased``: every class being erased): a
+    fixed, documented choice rather than a tuned one."""
+    skip = {forget_class, *erased}
+    if len(skip) >= num_classes:
+        raise ValueError(f"no class is left to anchor to: {sorted(skip)} of {num_classes} are erased")
+    anchor = (forget_class + 1) % num_classes
+    while anchor in skip:
+        anchor = (anchor + 1) % num_classes
+    return anchor
 
 
 def relearn_checkpoints(

@@ -1,7 +1,8 @@
-"""Diffusion unlearning: erase one class from a class-conditional DDPM with MUNBa and baselines.
+"""Diffusion unlearning: erase classes from a class-conditional DDPM with MUNBa and baselines.
 
     python -m munba_kernels.drivers.diffusion --dataset fashion_mnist --forget-class 3 \\
         --methods all --device cpu --out runs/diffusion [--quick]
+    python -m munba_kernels.drivers.diffusion --forget-classes 1 3 8 --players per-class ...
 
 Embedded default (CPU, offline): train a small class-conditional DDPM (diffusers UNet2DModel,
 class dropout for classifier-free guidance) and a judge classifier (narrow ResNet) on the
@@ -12,7 +13,17 @@ model: forget_recognition (% of forget-class generations the judge calls that cl
 100 − it), retain_accuracy (mean judge accuracy over the retained classes' generations) and
 feature_distance (KID on judge features: retain generations vs real retain test images).
 Writes results.json, results.md, samples.png (rows = classes, one panel per model),
-relearn.png and munba_bargain.png to --out.  Losses and methods: munba_kernels/drivers/ddpm.py.
+relearn.png, munba_bargain.png and munba_bargain.json to --out.  Losses and methods:
+munba_kernels/drivers/ddpm.py.
+
+Several erased classes (--forget-classes 1 3 8; --forget-class is the same option): each is
+mapped to its own anchor (default: the next class that is not erased; an explicit
+--anchor-class serves them all), the retained classes are the rest, and every row also
+reports each erased class's recognition and their spread (max − min).  --players per-class
+adds a "MUNBa per-class" row (one bargaining player per erased class plus preserve) beside
+"MUNBa" (the erased classes' forget losses merged into one player) and Naive, on the same
+batches, noise and timesteps.  The relearning attack is skipped for several classes (its
+Retrain DDPM would be a new pre-training run: see RELEARN_SEVERAL).
 
 Fairness: MUNBa and Naive (and ESD) are built from one recipe (ddpm.DiffusionRecipe: AdamW,
 --unlearn-lr, --unlearn-steps, weight decay 0, --max-grad-norm, off by default) and see the
@@ -60,6 +71,12 @@ from .unlearning import Subset, predict, train_classifier
 CACHE_VERSION = 1
 GRID_SAMPLES = 8  # samples per class shown in samples.png
 REPORT_COLUMNS = ("forget_recognition", "UA", "retain_accuracy", "feature_distance", "seconds")
+#: The report row of MUNBa with one bargaining player per erased class (--players per-class).
+PER_CLASS_ROW = "MUNBa per-class"
+RELEARN_SEVERAL = (
+    "relearning attack skipped: with several erased classes it needs a Retrain DDPM pre-trained "
+    "without all of them, a new ~20-minute pre-training run per class set on one CPU thread"
+)
 FASHION_MNIST_CLASSES = (
     "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"
 )  # fmt: skip
@@ -69,8 +86,10 @@ FASHION_MNIST_CLASSES = (
 class Config:
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
-    forget_class: int = 3
-    anchor_class: int | None = None  # default: the next class (ddpm.default_anchor)
+    forget_classes: list[int] = field(default_factory=lambda: [3])
+    anchor_class: int | None = None  # default: per erased class, the next one not erased (ddpm.default_anchor)
+    anchor_classes: list[int] = field(default_factory=list)  # derived: one per forget class (_check_classes)
+    players: str = "merged"  # MUNBa with several erased classes: ddpm.PLAYERS
     methods: list[str] = field(default_factory=lambda: list(ddpm.UNLEARN_METHODS))
     image_size: int = 16
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -115,6 +134,17 @@ class Config:
     sd_images: int = 4
     sd_inference_steps: int = 25
 
+    @property
+    def forget_class(self) -> int:
+        """The erased class of a one-class run (the first of several)."""
+        return self.forget_classes[0]
+
+    def rows(self) -> list[str]:
+        """The unlearned models' report rows: the methods, and "MUNBa per-class" after MUNBa
+        under ``players="per-class"``."""
+        extra = [PER_CLASS_ROW] if self.players == "per-class" else []
+        return [r for m in self.methods for r in ([m, *extra] if m == "MUNBa" else [m])]
+
     def unlearning_recipe(self) -> ddpm.DiffusionRecipe:
         """The recipe every method is built from (MUNBa, Naive and ESD alike)."""
         return ddpm.DiffusionRecipe(
@@ -148,12 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", default=None, help="local dataset files (Fashion-MNIST: the Debian package's)"
     )
-    p.add_argument("--forget-class", type=int, default=d.forget_class)
+    p.add_argument(
+        "--forget-classes",
+        "--forget-class",
+        dest="forget_classes",
+        type=int,
+        nargs="+",
+        metavar="CLASS",
+        default=d.forget_classes,
+        help="class(es) to erase; the retained classes are the rest",
+    )
     p.add_argument(
         "--anchor-class",
         type=int,
         default=None,
-        help="class the forget class is mapped to (default: the next one)",
+        help="class every forget class is mapped to (default: per class, the next one not erased)",
+    )
+    p.add_argument(
+        "--players",
+        choices=ddpm.PLAYERS,
+        default=d.players,
+        help="several erased classes: per-class adds MUNBa with one player per class (row "
+        f"'{PER_CLASS_ROW}') beside the merged two-player MUNBa",
     )
     methods = ", ".join(ddpm.UNLEARN_METHODS)
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of {methods}")
@@ -239,6 +285,19 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     p = parser or build_parser()
     a = p.parse_args(argv)
     chosen = options.method_list(p, a.methods, ddpm.UNLEARN_METHODS)
+    fc = a.forget_classes
+    given = f"--forget-classes {' '.join(map(str, fc))}"
+    if len(set(fc)) != len(fc):
+        p.error(f"{given}: each class once (duplicates {sorted({c for c in fc if fc.count(c) > 1})})")
+    if min(fc) < 0:
+        p.error(f"{given}: classes are numbered from 0")
+    if a.anchor_class is not None and a.anchor_class in fc:
+        p.error(f"--anchor-class {a.anchor_class} is one of the erased classes ({given})")
+    if a.players == "per-class" and (len(fc) < 2 or "MUNBa" not in chosen):
+        p.error(
+            "--players per-class needs several --forget-classes and MUNBa among --methods "
+            "(with one erased class it is the two-player bargain)"
+        )
     if a.pretrained is not None and (not a.forget_prompt or a.anchor_prompt is None):
         p.error("--pretrained needs at least one --forget-prompt and an --anchor-prompt")
     if a.pretrained is None:
@@ -251,7 +310,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         Config,
         a,
         methods=chosen,
-        relearn=not a.no_relearn,
+        relearn=not a.no_relearn and len(fc) == 1,  # several classes: RELEARN_SEVERAL
         progress=not a.no_progress,
         forget_prompts=a.forget_prompt,
         retain_prompts=a.retain_prompt,
@@ -273,14 +332,31 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def _check_classes(cfg: Config, num_classes: int) -> None:
-    if not 0 <= cfg.forget_class < num_classes:
-        raise options.OptionError(f"--forget-class {cfg.forget_class} is outside 0..{num_classes - 1}")
-    if cfg.anchor_class is None:
-        cfg.anchor_class = ddpm.default_anchor(cfg.forget_class, num_classes)
-    if not 0 <= cfg.anchor_class < num_classes or cfg.anchor_class == cfg.forget_class:
+    """Range checks that need the data's class count; fills ``cfg.anchor_classes`` (and, for
+    one erased class, ``cfg.anchor_class``, as before several classes existed)."""
+    fc = cfg.forget_classes
+    bad = [c for c in fc if not 0 <= c < num_classes]
+    if bad:
         raise options.OptionError(
-            f"--anchor-class {cfg.anchor_class} must be a class in 0..{num_classes - 1} other than the forget class"
+            f"--forget-classes {' '.join(map(str, bad))}: outside 0..{num_classes - 1}"
         )
+    if len(set(fc)) >= num_classes:
+        raise options.OptionError(f"--forget-classes: at least one of the {num_classes} classes must be retained")
+    if cfg.anchor_class is None and len(fc) == 1:
+        cfg.anchor_class = ddpm.default_anchor(fc[0], num_classes)
+    if cfg.anchor_class is not None and (not 0 <= cfg.anchor_class < num_classes or cfg.anchor_class in fc):
+        raise options.OptionError(
+            f"--anchor-class {cfg.anchor_class} must be a class in 0..{num_classes - 1} other than the "
+            "forget class" + ("es" if len(fc) > 1 else "")
+        )
+    cfg.anchor_classes = [
+        ddpm.default_anchor(c, num_classes, fc) if cfg.anchor_class is None else cfg.anchor_class for c in fc
+    ]
+
+
+def _anchor(cfg: Config):
+    """What ddpm.unlearn_class takes: the anchor of one class, {class: anchor} of several."""
+    return cfg.anchor_class if len(cfg.forget_classes) == 1 else dict(zip(cfg.forget_classes, cfg.anchor_classes))
 
 
 def _cached(cfg: Config, kind: str, key: dict, data: Subset, build, train):
@@ -336,7 +412,8 @@ def pretrained_ddpm(cfg: Config, train: Subset, in_channels: int, num_classes: i
         "class_dropout": cfg.class_dropout,
         "ema_decay": cfg.ema_decay,
         "n": len(train),
-        **({"forget_class": cfg.forget_class} if kind != "ddpm" else {}),
+        **({} if kind == "ddpm" else {"forget_class": cfg.forget_class} if len(cfg.forget_classes) == 1
+           else {"forget_classes": sorted(cfg.forget_classes)}),
     }
     return _cached(
         cfg,
@@ -375,18 +452,31 @@ def evaluate_generator(
         progress=cfg.progress,
     )
     logits = predict(judge, images.to(cfg.device))
-    scores = generation_scores(logits, labels, cfg.forget_class)
-    retain = labels != cfg.forget_class
+    fc = cfg.forget_classes
+    scores = generation_scores(logits, labels, fc[0])
+    retain = ~torch.isin(labels, torch.tensor(fc))
     feats = penultimate_features(judge, classifier_head(judge), images[retain].to(cfg.device))
+    if len(fc) == 1:
+        forget, retained = scores["forget_recognition"], scores["retain_accuracy"]
+    else:  # every class counts once, as in generation_scores
+        per = scores["per_class"]
+        forget = statistics.fmean(per[c] for c in fc)
+        retained = statistics.fmean(v for c, v in per.items() if c not in fc)
     row = {
-        "forget_recognition": scores["forget_recognition"],
-        "UA": 100.0 - scores["forget_recognition"],
-        "retain_accuracy": scores["retain_accuracy"],
+        "forget_recognition": forget,
+        "UA": 100.0 - forget,
+        "retain_accuracy": retained,
         "feature_distance": kernel_inception_distance(feats, real_retain_feats),
-        "per_class_accuracy": scores["per_class"],
     }
+    if len(fc) > 1:
+        rec = {c: scores["per_class"][c] for c in fc}
+        row.update({f"forget_recognition_{c}": v for c, v in rec.items()})
+        row.update({f"UA_{c}": 100.0 - v for c, v in rec.items()})
+        row["forget_spread"] = max(rec.values()) - min(rec.values())
+    row["per_class_accuracy"] = scores["per_class"]
+    each = "" if len(fc) == 1 else " (" + ", ".join(f"{c}: {row[f'forget_recognition_{c}']:.0f}" for c in fc) + ")"
     print(
-        f"  {name:8s} forget recognition {row['forget_recognition']:6.2f}%  retain accuracy "
+        f"  {name:8s} forget recognition {row['forget_recognition']:6.2f}%{each}  retain accuracy "
         f"{row['retain_accuracy']:6.2f}%  KID {row['feature_distance']:.4f}"
     )
     return row, images.reshape(num_classes, cfg.samples_per_class, *images.shape[1:])
@@ -434,9 +524,14 @@ def setup(cfg: Config, ds: datasets.ImageData | None = None) -> Setup:
     order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))
     train = Subset(ddpm.to_model_range(ds.x_train[order], cfg.image_size).to(dev), ds.y_train[order].to(dev))
     test_x = (ddpm.to_model_range(ds.x_test, cfg.image_size) + 1) / 2
+    erased = (
+        f"forget class {cfg.forget_class}, anchor class {cfg.anchor_class}"
+        if len(cfg.forget_classes) == 1
+        else f"forget classes {cfg.forget_classes}, anchor classes {cfg.anchor_classes}"
+    )
     print(
-        f"{cfg.dataset}: {len(train)} training images at {cfg.image_size}×{cfg.image_size}; forget class "
-        f"{cfg.forget_class}, anchor class {cfg.anchor_class}; methods {', '.join(cfg.methods)}"
+        f"{cfg.dataset}: {len(train)} training images at {cfg.image_size}×{cfg.image_size}; {erased}; "
+        f"methods {', '.join(cfg.rows())}"
     )
     judge, judge_s = judge_classifier(cfg, train, in_channels, k)
     judge_acc = generation_scores(predict(judge, test_x.to(dev)), ds.y_test, cfg.forget_class)["per_class"]
@@ -445,14 +540,15 @@ def setup(cfg: Config, ds: datasets.ImageData | None = None) -> Setup:
     print(f"DDPM ready ({ddpm_s:.0f}s training)")
 
     # Real retain test images for KID: as many as the retain generations, a fixed subset.
-    real = test_x[ds.y_test != cfg.forget_class]
+    erased = torch.tensor(cfg.forget_classes)
+    real = test_x[~torch.isin(ds.y_test, erased)]
     real = real[
         torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[
-            : (k - 1) * cfg.samples_per_class
+            : (k - len(cfg.forget_classes)) * cfg.samples_per_class
         ]
     ]
     real_feats = penultimate_features(judge, classifier_head(judge), real.to(dev))
-    forget_mask = train.y == cfg.forget_class
+    forget_mask = torch.isin(train.y, erased.to(train.y.device))
     return Setup(
         k,
         in_channels,
@@ -468,20 +564,23 @@ def setup(cfg: Config, ds: datasets.ImageData | None = None) -> Setup:
 
 
 def unlearn_method(cfg: Config, st: Setup, method: str, unlearn_seed: int = 0, recipe=None, snapshots=()):
-    """One method on the shared setup; the unlearning streams depend on ``unlearn_seed``."""
+    """One method (or report row: ``PER_CLASS_ROW`` is MUNBa with one player per erased class)
+    on the shared setup; the unlearning streams depend on ``unlearn_seed`` only."""
+    players = "per-class" if method == PER_CLASS_ROW else "merged"
     return ddpm.unlearn_class(
-        method,
+        "MUNBa" if method == PER_CLASS_ROW else method,
         st.original,
         st.forget,
         st.retain,
         num_classes=st.num_classes,
-        anchor_class=cfg.anchor_class,
+        anchor_class=_anchor(cfg),
         batch_size=cfg.unlearn_batch_size,
         class_dropout=cfg.class_dropout,
         recipe=recipe or cfg.unlearning_recipe(),
         esd_eta=cfg.esd_eta,
         seed=cfg.seed + 1000 * unlearn_seed,
         snapshots=snapshots,
+        players=players,
         progress=cfg.progress,
     )
 
@@ -502,22 +601,28 @@ def method_row(result) -> dict:
 
 
 def run_seed(cfg: Config, st: Setup, u: int, retrain=None):
-    """Every method for unlearning seed ``u``: (rows, panels, losses, bargain trace, relearn)."""
+    """Every method for unlearning seed ``u``: (rows, panels, losses, bargain traces by MUNBa
+    row: {"players", "columns", "steps"}, relearn)."""
     k = st.num_classes
-    rows, panels, trace, losses = {}, {}, [], {}
+    rows, panels, traces, losses = {}, {}, {}, {}
     rows["Original"], panels["Original"] = evaluate_generator(
         cfg, st.original, st.judge, k, st.real_feats, "Original", u
     )
     rows["Original"]["seconds"] = st.ddpm_seconds
     models = {"Original": st.original}
-    for method in cfg.methods:
+    for method in cfg.rows():
         result = unlearn_method(cfg, st, method, u)
         rows[method], panels[method] = evaluate_generator(cfg, result.model, st.judge, k, st.real_feats, method, u)
         rows[method].update(method_row(result))
         losses[method] = result.losses
         models[method] = result.model
-        if method == "MUNBa":
-            trace = result.bargain_log
+        if result.bargain_log:
+            players = result.settings.get("players", ["forget", "preserve"])
+            traces[method] = {
+                "players": players,
+                "columns": ddpm.trace_columns(players),
+                "steps": result.bargain_log,
+            }
     relearn = {}
     if retrain is not None:
         models["Retrain"] = retrain
@@ -525,12 +630,15 @@ def run_seed(cfg: Config, st: Setup, u: int, retrain=None):
         for name, model in models.items():
             relearn[name] = relearn_generator(cfg, model, st.judge, images, k, u)
             print(f"  relearn {name:8s} forget recognition {relearn[name]['forget_recognition']}")
-    return rows, panels, losses, trace, relearn
+    return rows, panels, losses, traces, relearn
 
 
 def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
-    """The class-conditional run (``ds``: the loaded data, default: load ``cfg.dataset``)."""
+    """The class-conditional run (``ds``: the loaded data, default: load ``cfg.dataset``):
+    (results, panels of seed 0, bargain traces of seed 0 by MUNBa row)."""
     st = setup(cfg, ds)
+    if len(cfg.forget_classes) > 1:
+        print(RELEARN_SEVERAL)
     retrain = None
     if cfg.relearn:
         retrain, retrain_s = pretrained_ddpm(
@@ -539,9 +647,9 @@ def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
         print(f"Retrain DDPM ready ({retrain_s:.0f}s training)")
     per_seed, relearn_seeds = [], []
     for u in range(cfg.seeds):
-        rows, p, losses_u, trace_u, relearn_u = run_seed(cfg, st, u, retrain)
+        rows, p, losses_u, traces_u, relearn_u = run_seed(cfg, st, u, retrain)
         if u == 0:
-            panels, losses, trace = p, losses_u, trace_u
+            panels, losses, traces = p, losses_u, traces_u
         per_seed.append(rows)
         relearn_seeds.append(relearn_u)
     from .classify import aggregate
@@ -561,7 +669,35 @@ def run(cfg: Config, ds: datasets.ImageData | None = None) -> dict:
         }
     config = asdict(cfg)
     config.update(judge_test_accuracy=st.judge_accuracy, judge_seconds=st.judge_seconds, ddpm_seconds=st.ddpm_seconds)
-    return {"config": config, "methods": methods, "losses": losses, "relearn": relearn}, panels, trace
+    results = {"config": config, "methods": methods, "losses": losses, "relearn": relearn}
+    if len(cfg.forget_classes) == 1:
+        config["forget_class"] = cfg.forget_class  # the one-class spelling results.json always had
+    else:
+        results["relearn_skipped"] = RELEARN_SEVERAL
+        results["paired"] = paired_rows(per_seed, cfg.rows())
+    return results, panels, traces
+
+
+#: What the paired per-seed comparison of several erased classes covers.
+PAIRED_METRICS = ("forget_recognition", "forget_spread", "retain_accuracy", "feature_distance")
+
+
+def paired_rows(per_seed: list[dict], rows: list[str]) -> dict:
+    """Per seed, "MUNBa per-class" (else MUNBa) minus each other two-objective row, per
+    metric: {"A − B": {metric: study.paired(...)}} (its "wins" counts negative differences;
+    for retain_accuracy a positive one is the better)."""
+    from .study import paired
+
+    mine = PER_CLASS_ROW if PER_CLASS_ROW in rows else "MUNBa"
+    others = [r for r in ("MUNBa", "Naive") if r in rows and r != mine]
+    if mine not in rows:
+        return {}
+    out = {}
+    for other in others:
+        out[f"{mine} − {other}"] = {
+            m: paired([s[mine][m] for s in per_seed], [s[other][m] for s in per_seed]) for m in PAIRED_METRICS
+        }
+    return out
 
 
 def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: int, unlearn_seed: int = 0) -> dict:
@@ -590,27 +726,87 @@ def relearn_generator(cfg: Config, model, judge, images: Subset, num_classes: in
     return {"images": len(images), "steps": steps, "forget_recognition": recognition}
 
 
-def write_report(cfg: Config, results: dict, panels: dict, trace: list, class_names) -> str:
+def report_columns(cfg: Config) -> tuple[str, ...]:
+    """The Markdown table's columns: several erased classes add each one's recognition and the spread."""
+    if len(cfg.forget_classes) == 1:
+        return REPORT_COLUMNS
+    each = tuple(f"forget_recognition_{c}" for c in cfg.forget_classes)
+    return ("forget_recognition", *each, "forget_spread", *REPORT_COLUMNS[1:])
+
+
+def _paired_markdown(paired: dict) -> str:
+    lines = [
+        "",
+        "Paired per seed (difference of the first row minus the second; mean ± std, "
+        "first-row wins/seeds, paired t-test p; a win is a lower value except for retain_accuracy):",
+        "",
+        "| comparison | " + " | ".join(PAIRED_METRICS) + " |",
+        "|---|" + "---:|" * len(PAIRED_METRICS),
+    ]
+    for name, metrics in paired.items():
+        cells = []
+        for m in PAIRED_METRICS:
+            p = metrics[m]
+            wins = p["n"] - p["wins"] - sum(d == 0 for d in p["diff"]) if m == "retain_accuracy" else p["wins"]
+            pv = "" if p["p"] is None else f", p={p['p']:.2f}"
+            d = 3 if m == "feature_distance" else 2
+            cells.append(f"{p['mean']:+.{d}f} ± {p['std']:.{d}f} ({wins}/{p['n']}{pv})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: Config, results: dict, panels: dict, traces: dict, class_names) -> str:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    fc = cfg.forget_classes
+    if len(fc) == 1:
+        erased = f"erase class {cfg.forget_class} ({class_names[cfg.forget_class]}) → anchor {cfg.anchor_class}"
+    else:
+        erased = "erase classes " + ", ".join(
+            f"{c} ({class_names[c]}) → {a}" for c, a in zip(fc, cfg.anchor_classes)
+        )
     title = (
-        f"{cfg.dataset}, erase class {cfg.forget_class} ({class_names[cfg.forget_class]}) → anchor "
-        f"{cfg.anchor_class}; {cfg.samples_per_class} samples/class, judge accuracy "
+        f"{cfg.dataset}, {erased}; {cfg.samples_per_class} samples/class, judge accuracy "
         f"{results['config']['judge_test_accuracy']:.1f}%"
     )
-    table = markdown_table(results["methods"], REPORT_COLUMNS, title)
+    table = markdown_table(results["methods"], report_columns(cfg), title)
+    several = (
+        ""
+        if len(fc) == 1
+        else "forget_recognition is the mean over the erased classes, forget_recognition_C each one's, "
+        "forget_spread their max − min (↓: no class left un-forgotten); "
+        + (
+            f"MUNBa bargains 2 players (the erased classes' forget losses merged, preserve), {PER_CLASS_ROW} "
+            f"{len(fc) + 1} (one per erased class, preserve); "
+            if cfg.players == "per-class"
+            else ""
+        )
+    )
     table += (
         "\nforget_recognition: % of forget-class generations the judge labels as that class (↓); "
-        "retain_accuracy: mean judge accuracy on the retained classes' generations (↑); "
+        + several
+        + "retain_accuracy: mean judge accuracy on the retained classes' generations (↑); "
         "feature_distance: KID on judge features, retain generations vs real retain test images (↓); "
         "seconds: DDPM pre-training for Original, unlearning otherwise.\n"
     )
+    if results.get("paired"):
+        table += _paired_markdown(results["paired"])
+    if results.get("relearn_skipped"):
+        table += f"\n{results['relearn_skipped'][0].upper()}{results['relearn_skipped'][1:]}.\n"
     (out / "results.md").write_text(table)
     shown = {name: imgs[:, :GRID_SAMPLES] for name, imgs in panels.items()}
     save_sample_grid(shown, out / "samples.png", [f"{i} {n}" for i, n in enumerate(class_names)], title)
-    if trace:
-        plot_bargain_trace(trace, out / "munba_bargain.png", "MUNBa bargaining weights and cos φ")
+    if traces:
+        (out / "munba_bargain.json").write_text(json.dumps(traces))
+    for row, trace in traces.items():
+        two = row == "MUNBa" and len(fc) == 1
+        plot_bargain_trace(
+            trace["steps"],
+            out / ("munba_bargain.png" if row == "MUNBa" else "munba_bargain_per_class.png"),
+            f"{row} bargaining weights and cos φ",
+            None if two else trace["players"],
+        )
     if results.get("relearn"):
         curves = {
             name: {f"{c['images']} forget images": {"steps": c["steps"], "forget_acc": c["forget_recognition"]}}
@@ -634,14 +830,16 @@ def main(argv: list[str] | None = None) -> dict:
         from .stable_diffusion import run_stable_diffusion
 
         return run_stable_diffusion(cfg)
-    results, panels, trace = run(cfg, ds)
+    results, panels, traces = run(cfg, ds)
     k = len(panels["Original"])
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion_mnist" else [str(i) for i in range(k)]
-    table = write_report(cfg, results, panels, trace, names)
+    table = write_report(cfg, results, panels, traces, names)
     print("\n" + table)
+    plots = ["munba_bargain.png" if r == "MUNBa" else "munba_bargain_per_class.png" for r in traces]
     print(
         f"wrote {Path(cfg.out) / 'results.json'}, results.md, samples.png"
-        + (", munba_bargain.png" if trace else "")
+        + "".join(f", {p}" for p in plots)
+        + (", munba_bargain.json" if traces else "")
     )
     return results
 

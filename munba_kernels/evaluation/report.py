@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,20 +83,41 @@ def plot_metric_bars(
     plt.close(fig)
 
 
-def plot_bargain_trace(log: Sequence[Sequence[float]], path: str | Path, title: str = "MUNBa") -> None:
-    """α_f, α_r (log scale) and cos φ per step of one MUNBa run."""
+def plot_bargain_trace(
+    log: Sequence[Sequence[float]], path: str | Path, title: str = "MUNBa", players: Sequence[str] | None = None
+) -> None:
+    """α per player (log scale) and cos φ per pair of players, per step of one MUNBa run.
+
+    A row holds K α's then the K(K−1)/2 pair cosines (i < j): (α_f, α_r, cos φ) for two
+    players.  ``players`` names them (default: forget and preserve for two, else numbers).
+    """
     plt = _pyplot()
     steps = range(len(log))
-    a_f, a_r, cos = zip(*log) if log else ((), (), ())
+    width = len(log[0]) if log else 3
+    k = round((math.sqrt(8 * width + 1) - 1) / 2)  # width = K(K+1)/2
+    if k * (k + 1) // 2 != width or (players is not None and len(players) != k):
+        raise ValueError(f"a bargain trace row of {width} entries does not fit {players or 'K'} players")
+    cols = list(zip(*log)) if log else [()] * width
+    if k == 2 and players is None:
+        labels, pairs = ["α_f (forget)", "α_r (preserve)"], ["cos φ(g_f, g_r)"]
+    else:
+        names = list(players) if players is not None else [str(i) for i in range(k)]
+        labels = [f"α {n}" for n in names]
+        pairs = [f"cos({a}, {b})" for i, a in enumerate(names) for b in names[i + 1 :]]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    ax1.semilogy(steps, a_f, label="α_f (forget)")
-    ax1.semilogy(steps, a_r, label="α_r (preserve)")
+    for col, label in zip(cols[:k], labels):
+        ax1.semilogy(steps, col, label=label)
     ax1.set_ylabel("bargaining weight")
     ax1.legend()
     ax1.set_title(title)
-    ax2.plot(steps, cos, color="tab:green")
+    for col, label in zip(cols[k:], pairs):
+        ax2.plot(steps, col, color="tab:green" if len(pairs) == 1 else None, label=label)
     ax2.axhline(0.0, color="grey", lw=0.5)
-    ax2.set_ylabel("cos φ(g_f, g_r)")
+    if len(pairs) == 1:
+        ax2.set_ylabel(pairs[0])
+    else:
+        ax2.set_ylabel("cos φ per pair")
+        ax2.legend(fontsize="x-small", ncol=2)
     ax2.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
