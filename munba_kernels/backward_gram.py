@@ -100,7 +100,7 @@ class BackwardGram:
         with torch.no_grad():
             return backend.gram_partials([[g] for g in local], like.device)
 
-    def gram_function(self, backend) -> Callable | None:
+    def gram_function(self, backend, device, players: int) -> Callable | None:
         """A pass 1 for :func:`~munba_kernels.distributed.global_gram` that uses the hooks'
         partials where they are still valid and computes the rest; None if ``backend``
         cannot add partials (then the step runs its own pass 1)."""
@@ -108,19 +108,19 @@ class BackwardGram:
             return None
         self.hits = 0
 
-        def gram(entries: list[tuple[Tensor, tuple]], device) -> Tensor:
+        def gram(entries: list[tuple[Tensor, tuple]]) -> Tensor:
+            # global_gram's entries hold the local shards already
+            cached = [self._entries.get(p) for p, _ in entries]
+            valid = [e is not None and e[1] == _fingerprints(local) for e, (_, local) in zip(cached, entries)]
+            if not any(valid):  # nothing to reuse: the backend's own pass 1, over all tensors at once
+                return backend.gram([[grads[k] for _, grads in entries] for k in range(players)], device)
             parts = []
-            for p, local in entries:  # global_gram's entries hold the local shards already
-                entry = self._entries.get(p)
-                if entry is not None and entry[1] == _fingerprints(local):
+            for entry, ok, (_, local) in zip(cached, valid, entries):
+                if ok:
                     parts.append(entry[2])
                     self.hits += 1
                 elif any(g is not None and g.numel() for g in local):
                     parts.append(backend.gram_partials([[g] for g in local], device))
-            k = len(entries[0][1]) if entries else 2
-            width = k * (k + 1) // 2
-            if not parts:
-                return torch.zeros(width, dtype=torch.float64, device=device)
             return backend.sum_partials(torch.cat(parts))
 
         return gram

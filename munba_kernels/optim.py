@@ -538,21 +538,15 @@ class MUNBaOptimizer(Optimizer):
         exactly into float64, so their Gram tells both by itself and costs nothing more."""
         k = len(self.players)
         if not any(p.dtype == torch.float64 for p, _ in present):
-            from_hooks = None
-            if self._backward_gram is not None and not torch.compiler.is_compiling():
-                from_hooks = self._backward_gram.gram_function(backend)
-            if from_hooks is not None:
-                gram = distributed.global_gram(
-                    lambda entries: from_hooks(entries, device), present, k, self.gram_process_group
-                )
-                self._backward_gram.clear()
-            else:
-                gram = distributed.global_gram(
-                    lambda entries: backend.gram(distributed.by_player(entries, k), device),
-                    present,
-                    k,
-                    self.gram_process_group,
-                )
+            def pass1(entries: list[tuple]) -> Tensor:
+                return backend.gram(distributed.by_player(entries, k), device)
+
+            hooks = self._backward_gram
+            if hooks is not None and not torch.compiler.is_compiling():
+                pass1 = hooks.gram_function(backend, device, k) or pass1  # None: this backend cannot add partials
+            gram = distributed.global_gram(pass1, present, k, self.gram_process_group)
+            if hooks is not None:
+                hooks.clear()
             return gram, None
         diagonal = [q for q, (i, j) in enumerate(bargaining_k.pairs(k)) if i == j]
         width = k * (k + 1) // 2
