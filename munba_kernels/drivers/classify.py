@@ -406,10 +406,13 @@ def evaluate(preds: dict, held_out: str) -> dict[str, float]:
     return unlearning_metrics(preds["forget"], preds["retain"], preds[held_out])
 
 
-def class_ua(preds: dict, classes: list[int]) -> dict[str, float]:
-    """UA of each forget class on its own (``UA[c]``) and their spread, max − min."""
+def class_ua(cfg: Config, preds: dict) -> dict[str, float]:
+    """With several forget classes, the UA of each on its own (``UA[c]``) and their spread,
+    max − min; empty otherwise."""
+    if not cfg.per_class_groups():
+        return {}
     logits, labels = preds["forget"]
-    ua = {f"UA[{c}]": 100.0 - accuracy(logits[labels == c], labels[labels == c]) for c in classes}
+    ua = {f"UA[{c}]": 100.0 - accuracy(logits[labels == c], labels[labels == c]) for c in cfg.forget_classes}
     return {**ua, "UA spread": max(ua.values()) - min(ua.values())}
 
 
@@ -449,6 +452,7 @@ class SeedContext:
     retrain_test: dict
     retrain_repr: dict
     retrain_feats: torch.Tensor
+    retrain_class_ua: dict  # UA[c] and their spread (several forget classes), else empty
 
 
 def prepare_seed(cfg: Config, ds: datasets.ImageData, seed: int, ranks=parallel.SINGLE_PROCESS) -> SeedContext:
@@ -479,6 +483,7 @@ def prepare_seed(cfg: Config, ds: datasets.ImageData, seed: int, ranks=parallel.
         evaluate(retrain_preds, "test"),
         retrain_repr,
         retrain_feats,
+        class_ua(cfg, retrain_preds),
     )
 
 
@@ -535,7 +540,7 @@ def run_method(
                 "clipped_steps": _clipped_share(run.step_norms, run.settings["max_grad_norm"]),
                 "settings": {**run.settings, "grid": [c[1] for c in candidates], "selected_by": "val gap"},
                 "plan_digest": run.plan_digest,
-                **(class_ua(preds, cfg.forget_classes) if cfg.per_class_groups() else {}),
+                **class_ua(cfg, preds),
                 **_mean_alpha(run),
                 **relearn_row(cfg, run.model, split, seed),
             }
@@ -561,9 +566,6 @@ def run_seed(
         return {}, []
     ctx = prepare_seed(cfg, ds, seed, ranks)
     split = ctx.split
-    def per_class_ua(model) -> dict:
-        return class_ua(predict_splits(model, split), cfg.forget_classes) if cfg.per_class_groups() else {}
-
     rows = {
         "Retrain": {
             **ctx.retrain_test,
@@ -571,17 +573,18 @@ def run_seed(
             "avg_gap": 0.0,
             "cka_to_retrain": 1.0,
             "seconds": ctx.retrain_seconds,
-            **per_class_ua(ctx.retrain),
+            **ctx.retrain_class_ua,
             **relearn_row(cfg, ctx.retrain, split, seed),
         }
     }
-    orig_test = evaluate(predict_splits(ctx.original, split), "test")
+    orig_preds = predict_splits(ctx.original, split)
+    orig_test = evaluate(orig_preds, "test")
     rows["Original"] = {
         **orig_test,
         **representation(ctx.original, split, ctx.retrain_feats)[0],
         "avg_gap": avg_gap(orig_test, ctx.retrain_test),
         "seconds": ctx.original_seconds,
-        **per_class_ua(ctx.original),
+        **class_ua(cfg, orig_preds),
         **relearn_row(cfg, ctx.original, split, seed),
     }
     trace = []
