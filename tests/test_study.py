@@ -104,3 +104,16 @@ def test_driver_results_stand_in_for_the_paper_cell_only_when_configured_alike(t
     path.write_text(json.dumps({**saved, "config": {**cfg, "epochs": 5, "train_size": 600}}))
     with pytest.raises(ValueError, match="train_size"):
         study.import_driver_results(plan, records, path)
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["--seeds", "0"], "--seeds"), (["--confirm-seeds", "-1"], "--confirm-seeds"),
+     (["--dataset", "mnist"], "--dataset"), (["--scenarios", "sideways"], "--scenarios")],
+)  # fmt: skip
+def test_bad_option_values_are_one_line_errors(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.parse_args(["--out", "unused", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert option in err.strip().splitlines()[-1]

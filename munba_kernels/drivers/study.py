@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import classify
+from . import classify, options
 from . import data as datasets
 
 PAIRS = (
@@ -435,6 +435,7 @@ def _plan_dict(plan: Plan) -> dict:
 
 
 def parse_args(argv: list[str] | None = None):
+    """The command line; a bad value exits through ``parser.error`` (one line, code 2)."""
     p = argparse.ArgumentParser(
         prog="python -m munba_kernels.drivers.study",
         description=__doc__,
@@ -442,23 +443,20 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--driver", choices=("classify", "diffusion"), default="classify")
     p.add_argument("--out", required=True)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for the sweep")
+    p.add_argument("--dataset", choices=datasets.DATASETS, default="fashion_mnist")
+    p.add_argument("--seeds", type=options.positive_int, default=3, help="seeds 0..N-1 for the sweep")
+
+    def scenarios(flag: str, default, help: str) -> None:
+        p.add_argument(flag, nargs="+", choices=classify.SCENARIOS, default=list(default), help=help)
+
+    scenarios("--scenarios", Plan.scenarios, "classification scenarios, in the order they run (the levers are swept on random)")
     p.add_argument(
-        "--scenarios",
-        nargs="+",
-        choices=classify.SCENARIOS,
-        default=list(Plan.scenarios),
-        help="classification scenarios, in the order they run (the levers are swept on random)",
+        "--confirm-seeds",
+        type=options.int_at_least(0),
+        default=3,
+        help="held-out seeds N..N+M-1 for the recipe check",
     )
-    p.add_argument("--confirm-seeds", type=int, default=3, help="held-out seeds N..N+M-1 for the recipe check")
-    p.add_argument(
-        "--confirm-scenarios",
-        nargs="+",
-        choices=classify.SCENARIOS,
-        default=list(Plan.confirm_scenarios),
-        help="held-out scenarios the recommended-recipe candidate must also win on",
-    )
+    scenarios("--confirm-scenarios", Plan.confirm_scenarios, "held-out scenarios the recommended-recipe candidate must also win on")
     p.add_argument("--cache-dir", default=None)
     p.add_argument(
         "--import",
