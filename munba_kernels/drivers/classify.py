@@ -139,15 +139,6 @@ class Config:
         )
 
 
-def _clip_norm(text: str) -> float | None:
-    if text.lower() in ("none", "off"):
-        return None
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
-    return value
-
-
 def _recipe_defaults(argv: list[str] | None) -> dict:
     """The named recipe's clip, budget and power become the defaults of their flags."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -234,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("optimizer recipe (shared by every method)")
     r.add_argument("--recipe", choices=RECIPES, default=d.recipe, help="paper: SGD 0.9, wd 5e-4, clip 1")
     r.add_argument(
-        "--max-grad-norm", type=_clip_norm, help="clip of every method's direction; 'none' turns it off"
+        "--max-grad-norm", type=options.clip_norm, help="clip of every method's direction; 'none' turns it off"
     )
     r.add_argument("--power", type=options.positive_float, help="MUNBa's bargaining power w_f/w_r (w_f + w_r = 2)")
     r.add_argument(

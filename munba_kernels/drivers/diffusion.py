@@ -157,15 +157,6 @@ class Config:
         )
 
 
-def _clip_norm(text: str) -> float | None:
-    if text.lower() in ("none", "off"):
-        return None
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     positive_int, positive_float = options.positive_int, options.positive_float
@@ -215,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--esd-eta", type=options.finite_float, default=d.esd_eta, help="ESD negative-guidance strength")
     p.add_argument(
-        "--max-grad-norm", type=_clip_norm, default=d.max_grad_norm, help="clip of every method (default: none)"
+        "--max-grad-norm", type=options.clip_norm, default=d.max_grad_norm, help="clip of every method (default: none)"
     )
     p.add_argument("--power", type=positive_float, default=d.power, help="MUNBa's bargaining power w_f/w_r")
     p.add_argument(

@@ -72,6 +72,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def clip_norm(text: str) -> float | None:
+    """argparse type of ``--max-grad-norm``: a positive number, or ``none``/``off`` for no clip."""
+    if text.lower() in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--max-grad-norm must be positive or 'none', got {text}")
+    return value
+
+
 def device(text: str) -> str:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, where CUDA (device N) is available."""
     kind, colon, index = text.partition(":")
