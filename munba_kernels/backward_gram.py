@@ -90,10 +90,10 @@ class BackwardGram:
     @staticmethod
     def _partials(opt, local: list[Tensor | None]) -> Tensor | None:
         like = local[-1]
-        if like.dtype == torch.float64 or opt.backend not in ("auto", *SUPPORTED_BACKENDS):
-            return None  # float64 gradients take the step's flagged path; other backends their own pass
+        if like.dtype == torch.float64:
+            return None  # float64 gradients take the step's flagged path
         backend = backends.resolve(opt.backend, like.device)
-        if backend.name not in SUPPORTED_BACKENDS:
+        if backend.name not in SUPPORTED_BACKENDS:  # (the constructor refuses others; "auto" resolves here)
             return None
         if any(g is not None and (g.shape != like.shape or g.dtype != like.dtype) for g in local):
             return None
